@@ -1,0 +1,174 @@
+"""Groups: the prunable atoms of the dependency graph, with their members and unit kind.
+
+A group is one leaf axis class that is not frozen, has more than one index, and reaches at least
+one parameter. Its *unit* is one index of that leaf: removing unit ``u`` removes, in every member
+parameter dimension, the positions whose coordinate along the leaf is ``u`` (a whole head's rows
+of q/k/v and columns of o, one MLP channel's rows of gate/up and column of down, ...).
+
+The kind of a group is read from the graph, not from model classes:
+
+* ``heads``: the head axis of a ``scaled_dot_product_attention`` (under GQA, the KV-head axis:
+  one unit is a KV head with all the query heads that read it);
+* ``query_heads``: under GQA, the query heads inside each KV group (same index in every group);
+* ``head_dim``: the channels inside a head;
+* ``hidden``: the residual stream (reaches the token embedding, or more than one block);
+* ``channels``: everything else (MLP intermediate channels, expert channels, ...).
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+
+from .axes import AxisTable
+
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+DEFAULT_KINDS = ("heads", "channels")
+ALL_KINDS = ("heads", "query_heads", "head_dim", "channels", "hidden")
+
+
+def block_of(param: str) -> str | None:
+    """The transformer block a parameter lives in (its name up to the first numeric index)."""
+    m = _BLOCK.match(param)
+    return m.group(1) if m else None
+
+
+@dataclass
+class Member:
+    param: str
+    dim: int
+    coords: torch.Tensor  # per position of the dim: the unit index, or -1 (not part of this group)
+    numel_rest: int = 1  # product of the parameter's other dimensions
+
+    def unit_positions(self, unit: int) -> torch.Tensor:
+        return (self.coords == unit).nonzero().flatten()
+
+
+@dataclass
+class Group:
+    name: str
+    kind: str
+    axis: int  # leaf root in the axis table
+    size: int  # number of units
+    members: list[Member] = field(default_factory=list)
+
+    @property
+    def blocks(self) -> list[str]:
+        return sorted({b for m in self.members if (b := block_of(m.param))})
+
+    @property
+    def params_per_unit(self) -> int:
+        """Parameters removed with one unit, counted alone (other groups intact)."""
+        return sum(int((m.coords == 0).sum()) * m.numel_rest for m in self.members)
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".")[:-1] for n in names]
+    prefix = []
+    for items in zip(*parts):
+        if len(set(items)) != 1:
+            break
+        prefix.append(items[0])
+    return ".".join(prefix)
+
+
+def find_groups(
+    table: AxisTable, params: dict[str, list[int]], shapes: dict[str, tuple], trainable: set[str]
+) -> tuple[list[Group], dict[int, str]]:
+    """All groups of an analysed graph, plus the frozen leaves (with reasons) that reach parameters."""
+    frozen = table.frozen_leaves()
+    # which leaves does each parameter dimension contain?
+    leaf_members: dict[int, list[tuple[str, int]]] = {}
+    for name, axes in params.items():
+        for d, a in enumerate(axes):
+            for leaf in table.leaves(a):
+                leaf_members.setdefault(leaf, []).append((name, d))
+    tags = _tag_index(table)
+    groups, frozen_params = [], {}
+    for leaf, members in leaf_members.items():
+        if leaf in frozen:
+            frozen_params[leaf] = frozen[leaf]
+            continue
+        if table.size[leaf] < 2:
+            continue
+        if not any(n in trainable for n, _ in members):
+            continue  # only buffers (rotary tables, ...): follows other groups, never a group itself
+        kind = _kind(leaf, members, tags)
+        group = Group(name="", kind=kind, axis=leaf, size=table.size[leaf])
+        for name, d in members:
+            rest = 1
+            for k, n in enumerate(shapes[name]):
+                rest *= n if k != d else 1
+            group.members.append(Member(name, d, table.coordinate(params[name][d], leaf), rest))
+        groups.append(group)
+    _name_groups(groups)
+    groups.sort(key=lambda g: _natural_key(g.name))
+    return groups, frozen_params
+
+
+def _tag_index(table: AxisTable) -> dict[int, set[str]]:
+    """Tags reaching each leaf. A tagged head axis that is a product (GQA: kv_heads x per_kv)
+    gives ``heads`` to its outer factor (one KV group) and ``query_heads`` to the inner ones."""
+    out: dict[int, set[str]] = {}
+    for root, tags in table.tags.items():
+        for tag in tags:
+            factors = table.flat(root, "prod") if tag == "heads" else [root]
+            for i, factor in enumerate(factors):
+                name = "query_heads" if tag == "heads" and i > 0 else tag
+                for leaf in table.leaves(factor):
+                    out.setdefault(leaf, set()).add(name)
+    return out
+
+
+def _kind(leaf, members, tags) -> str:
+    mine = tags.get(leaf, set())
+    if "embedding" in mine:
+        return "hidden"
+    for kind in ("head_dim", "heads", "query_heads"):
+        if kind in mine:
+            return kind
+    blocks = {block_of(p) for p, _ in members}
+    return "hidden" if len(blocks - {None}) > 1 else "channels"
+
+
+def _name_groups(groups: list[Group]) -> None:
+    seen: dict[str, int] = {}
+    for g in groups:
+        if g.kind == "hidden":
+            base = "hidden"
+        else:
+            base = f"{_common_prefix([m.param for m in g.members]) or 'model'}:{g.kind}"
+        seen[base] = seen.get(base, 0) + 1
+        g.name = base if seen[base] == 1 else f"{base}#{seen[base]}"
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def select_groups(groups: list[Group], kinds=DEFAULT_KINDS, ignore=()) -> list[Group]:
+    """Groups of the wanted kinds whose members touch no ignored module."""
+    unknown = set(kinds) - set(ALL_KINDS)
+    if unknown:
+        from ..errors import PlanError
+
+        raise PlanError(f"unknown group kinds {sorted(unknown)}; choose from {list(ALL_KINDS)}")
+    out = []
+    for g in groups:
+        if g.kind not in kinds:
+            continue
+        if any(fnmatch.fnmatch(m.param, pat) or fnmatch.fnmatch(m.param.rsplit(".", 1)[0], pat) for m in g.members for pat in ignore):
+            continue
+        out.append(g)
+    return out
+
+
+def coupling_graph(table: AxisTable) -> nx.Graph:
+    """The equality part of the dependency graph (edges labelled with the op that coupled them)."""
+    g = nx.Graph()
+    g.add_nodes_from(table.graph.nodes(data=True))
+    g.add_edges_from((a, b, d) for a, b, d in table.graph.edges(data=True) if d.get("kind") == "eq")
+    return g

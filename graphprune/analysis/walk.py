@@ -1,0 +1,189 @@
+"""The walk over a traced graph: gives every tensor dimension an axis and applies the op rules.
+
+The walker knows nothing about particular ops; it asks the rule table
+(:mod:`graphprune.analysis.op_rules`) for each ``call_function`` node. Shapes come from the
+``FakeTensor`` that ``torch.export`` stores in ``node.meta["val"]``.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..errors import UnsupportedOpError
+from .axes import AxisTable
+
+# Distinct large primes stand in for symbolic sizes (batch, sequence) so that products of
+# symbolic dimensions can be compared with integer arithmetic when matching reshapes.
+_PRIMES = [1_000_003, 1_000_033, 1_000_037, 1_000_039, 1_000_081, 1_000_099, 1_000_117, 1_000_121]
+
+
+@dataclass
+class Frozen:
+    """One reason an axis must keep all its indices, for the report."""
+
+    node: str
+    op: str
+    reason: str
+
+
+def fetch_attr(root: torch.nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def tensor_meta(node: fx.Node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def is_tensor_node(x) -> bool:
+    return isinstance(x, fx.Node) and isinstance(tensor_meta(x), torch.Tensor)
+
+
+@dataclass
+class Walk:
+    """State of one analysis: the axis table and the axes of every value in the graph."""
+
+    gm: fx.GraphModule
+    strict: bool = False
+    table: AxisTable = field(default_factory=AxisTable)
+    axes: dict[fx.Node, object] = field(default_factory=dict)  # list[int] or list[list[int]]
+    params: dict[str, list[int]] = field(default_factory=dict)  # canonical name -> axes
+    aliases: dict[str, str] = field(default_factory=dict)  # attribute target -> canonical name
+    frozen_by: list[Frozen] = field(default_factory=list)
+    unsupported: dict[str, int] = field(default_factory=dict)
+    _symbols: dict[str, int] = field(default_factory=dict)
+
+    # ------------------------------------------------------------ shapes
+    def size_hint(self, size) -> int:
+        if isinstance(size, int):
+            return size
+        expr = size.node.expr
+        subs = {}
+        for sym in expr.free_symbols:
+            if str(sym) not in self._symbols:
+                self._symbols[str(sym)] = _PRIMES[len(self._symbols) % len(_PRIMES)] + 1000 * (len(self._symbols) // len(_PRIMES))
+            subs[sym] = self._symbols[str(sym)]
+        return int(expr.subs(subs))
+
+    def shape(self, node: fx.Node) -> list[int]:
+        return [self.size_hint(s) for s in tensor_meta(node).shape]
+
+    @staticmethod
+    def is_static(node: fx.Node, dim: int) -> bool:
+        return isinstance(tensor_meta(node).shape[dim], int)
+
+    # ------------------------------------------------------------ axes
+    def fresh(self, node: fx.Node, meta=None) -> list[int]:
+        """New axes for a tensor value; dynamic (symbolic) dimensions are frozen at once."""
+        meta = tensor_meta(node) if meta is None else meta
+        out = []
+        for d, s in enumerate(meta.shape):
+            axis = self.table.new(self.size_hint(s), f"{node.name}:{d}")
+            if not isinstance(s, int):
+                self.table.freeze(axis, "dynamic dimension (batch or sequence)")
+            out.append(axis)
+        return out
+
+    def of(self, node: fx.Node) -> list[int]:
+        return self.axes[node]
+
+    def union(self, a: int, b: int, node: fx.Node) -> None:
+        self.table.union(a, b, f"{node.target}")
+
+    def freeze(self, axes: Iterable[int], node: fx.Node, reason: str) -> None:
+        for a in axes:
+            if self.table.find(a) not in self.table.frozen:
+                self.frozen_by.append(Frozen(node.name, str(node.target), reason))
+            self.table.freeze(a, f"{node.target} ({node.name}): {reason}")
+
+    # ------------------------------------------------------------ walking
+    def run(self) -> "Walk":
+        from .op_rules import rule_for
+
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                if is_tensor_node(node):
+                    self.axes[node] = self.fresh(node)
+                    self.freeze(self.axes[node], node, "model input")
+            elif node.op == "get_attr":
+                self._attr(node)
+            elif node.op == "output":
+                for leaf in _flatten(node.args):
+                    if leaf in self.axes and isinstance(self.axes[leaf][0] if self.axes[leaf] else 0, int):
+                        self.freeze(self.axes[leaf], node, "model output")
+            elif node.op == "call_function":
+                self._call(node, rule_for(node.target))
+        return self
+
+    def _attr(self, node: fx.Node) -> None:
+        value = fetch_attr(self.gm, node.target)
+        if not isinstance(value, torch.Tensor):
+            return
+        # Tied weights are one tensor reached by two names: they share their axes.
+        for name, axes in self.params.items():
+            if fetch_attr(self.gm, name) is value:
+                self.aliases[node.target] = name
+                self.axes[node] = axes
+                return
+        self.aliases[node.target] = node.target
+        axes = [self.table.new(s, f"{node.target}:{d}") for d, s in enumerate(value.shape)]
+        self.params[node.target] = axes
+        self.axes[node] = axes
+
+    def _call(self, node: fx.Node, rule) -> None:
+        val = node.meta.get("val")
+        if node.target is operator.getitem:
+            src = self.axes.get(node.args[0])
+            if isinstance(src, list) and src and isinstance(src[0], list):
+                self.axes[node] = src[node.args[1]]
+            elif is_tensor_node(node):
+                self.axes[node] = self.fresh(node)
+            return
+        has_tensor_out = isinstance(val, torch.Tensor) or (
+            isinstance(val, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in val)
+        )
+        if rule is None:
+            if not has_tensor_out and not _tensor_inputs(node):
+                return  # symbolic-int arithmetic, asserts: nothing to propagate
+            self.unsupported[str(node.target)] = self.unsupported.get(str(node.target), 0) + 1
+            if self.strict:
+                raise UnsupportedOpError(
+                    f"no channel rule for op {node.target} (node {node.name}); add one with "
+                    f"graphprune.register_op_rule, or use strict=False to freeze the channels it touches"
+                )
+            for arg in _tensor_inputs(node):
+                self.freeze(self.axes.get(arg, []), node, "op without a rule")
+            if has_tensor_out:
+                self.axes[node] = self._fresh_any(node, val)
+                for axes in (self.axes[node] if isinstance(val, (list, tuple)) else [self.axes[node]]):
+                    self.freeze(axes, node, "op without a rule")
+            return
+        out = rule.propagate(self, node)
+        if out is not None:
+            self.axes[node] = out
+
+    def _fresh_any(self, node, val):
+        if isinstance(val, torch.Tensor):
+            return self.fresh(node)
+        return [self.fresh(node, v) if isinstance(v, torch.Tensor) else [] for v in val]
+
+
+def _flatten(x):
+    if isinstance(x, (list, tuple)):
+        for y in x:
+            yield from _flatten(y)
+    elif isinstance(x, dict):
+        for y in x.values():
+            yield from _flatten(y)
+    elif isinstance(x, fx.Node):
+        yield x
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    return [a for a in _flatten((node.args, node.kwargs)) if is_tensor_node(a)]

@@ -1,0 +1,129 @@
+"""The masking pass: a copy of the graph where every group has a mask vector over its units.
+
+After every value whose dimension contains a masked group, a ``mul`` by that group's mask
+(gathered onto the dimension's positions and broadcast) is inserted. With 0/1 masks this is
+the "masked dense model" that a pruned model must equal exactly; with soft or sampled masks it
+is what learned-mask methods train. Masks live in buffers ``_graphprune_mask_<i>`` (one per
+group, float, shape ``[units]``) that callers can overwrite between calls.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .analysis import DependencyGraph, Group
+from .analysis.walk import tensor_meta
+
+aten = torch.ops.aten
+
+
+@dataclass
+class MaskedModel:
+    """A masked copy of a traced graph and the names of its mask buffers."""
+
+    module: fx.GraphModule
+    groups: list[Group]
+    buffer_names: dict[str, str]  # group name -> buffer name
+
+    def mask(self, group: str) -> torch.Tensor:
+        return getattr(self.module, self.buffer_names[group])
+
+    def set_mask(self, group: str, values: torch.Tensor) -> None:
+        self.mask(group).copy_(values)
+
+    def set_keep(self, keep: dict[str, torch.Tensor]) -> None:
+        """0/1 masks from kept indices per group name (groups not named keep everything)."""
+        for g in self.groups:
+            m = torch.zeros(g.size) if g.name in keep else torch.ones(g.size)
+            if g.name in keep:
+                m[torch.as_tensor(keep[g.name], dtype=torch.long)] = 1.0
+            self.set_mask(g.name, m)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None) -> MaskedModel:
+    """Copy ``dg.gm`` and multiply every value carrying one of ``groups`` by that group's mask."""
+    groups = dg.groups if groups is None else groups
+    gm = copy.deepcopy(dg.gm)
+    graph, table = gm.graph, dg.table
+    leaves = {table.find(g.axis): g for g in groups}
+    buffers: dict[str, str] = {}
+    first = next(iter(graph.nodes))  # mask-building nodes go before everything else
+    padded: dict[int, fx.Node] = {}  # leaf -> get_attr of its mask with a trailing 1 (for "not here")
+    for i, g in enumerate(groups):
+        name = f"_graphprune_mask_{i}"
+        gm.register_buffer(name, torch.ones(g.size, device=_device(gm)))
+        buffers[g.name] = name
+        with graph.inserting_before(first):
+            ones = graph.call_function(aten.ones.default, ([1],), {"device": _device(gm)})
+            padded[table.find(g.axis)] = graph.call_function(aten.cat.default, ([graph.get_attr(name), ones],))
+    axis_mask_cache: dict[int, fx.Node] = {}
+    n_const = 0
+
+    def axis_mask(axis: int) -> fx.Node | None:
+        nonlocal n_const
+        root = table.find(axis)
+        if root in axis_mask_cache:
+            return axis_mask_cache[root]
+        mine = [leaf for leaf in table.leaves(root) if leaf in leaves]
+        if not mine:
+            axis_mask_cache[root] = None
+            return None
+        node = None
+        for leaf in mine:
+            coords = table.coordinate(root, leaf)
+            coords = torch.where(coords < 0, torch.full_like(coords, leaves[leaf].size), coords)
+            cname = f"_graphprune_coords_{n_const}"
+            n_const += 1
+            gm.register_buffer(cname, coords.to(_device(gm)))
+            with graph.inserting_before(first):
+                picked = graph.call_function(aten.index_select.default, (padded[leaf], 0, graph.get_attr(cname)))
+            node = picked if node is None else _mul_first(graph, first, node, picked)
+        axis_mask_cache[root] = node
+        return node
+
+    by_name = dg.axes_by_name()
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not isinstance(tensor_meta(node), torch.Tensor):
+            continue
+        axes = by_name.get(node.name)
+        if not axes or not isinstance(axes[0], int):
+            continue
+        factors = []
+        for d, a in enumerate(axes):
+            m = axis_mask(a)
+            if m is not None:
+                factors.append((d, m))
+        if not factors:
+            continue
+        ndim, out, inserted = len(axes), node, set()
+        for d, m in factors:
+            shape = [1] * ndim
+            shape[d] = -1
+            with graph.inserting_after(out):
+                view = graph.call_function(aten.view.default, (m, shape))
+            with graph.inserting_after(view):
+                typed = graph.call_function(aten.type_as.default, (view, node))
+            with graph.inserting_after(typed):
+                out = graph.call_function(aten.mul.Tensor, (out, typed))
+            inserted |= {view, typed, out}
+        node.replace_all_uses_with(out, delete_user_cb=lambda user, mine=inserted: user not in mine)
+    graph.lint()
+    gm.recompile()
+    return MaskedModel(gm, list(groups), buffers)
+
+
+def _mul_first(graph: fx.Graph, first: fx.Node, a: fx.Node, b: fx.Node) -> fx.Node:
+    with graph.inserting_before(first):
+        return graph.call_function(aten.mul.Tensor, (a, b))
+
+
+def _device(gm: fx.GraphModule) -> torch.device:
+    for p in gm.parameters():
+        return p.device
+    return torch.device("cpu")

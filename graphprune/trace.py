@@ -1,0 +1,124 @@
+"""Trace a model into an ATen graph with ``torch.export`` (dynamic batch and sequence length)."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch.export import Dim, ExportedProgram
+
+from .errors import TraceError
+
+
+@dataclass
+class Traced:
+    """A traced model: the call-compatible graph plus what is needed to call and re-trace it."""
+
+    module: fx.GraphModule  # ``ep.module()``: called like the original model, original parameter names
+    program: ExportedProgram
+    example_kwargs: dict
+    dynamic_shapes: dict | None
+    model_class: str
+    config: dict | None = None  # the Hugging Face config as a dict, when there is one
+    input_names: list[str] = field(default_factory=list)
+
+    def example_call(self):
+        return self.module(**self.example_kwargs)
+
+
+def is_hf_model(model: torch.nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return config is not None and hasattr(config, "vocab_size") and hasattr(config, "to_dict")
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def hf_example_kwargs(model: torch.nn.Module, batch: int = 2, seq: int = 16) -> dict:
+    """A synthetic input for a Hugging Face model: random token ids, no KV cache."""
+    config = model.config
+    seq = min(seq, getattr(config, "max_position_embeddings", seq) or seq)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen).to(_device(model))
+    kwargs = {"input_ids": ids}
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def _dynamic_shapes(model: torch.nn.Module, kwargs: dict) -> dict:
+    """Batch (dim 0) and sequence (dim 1) of every tensor input are dynamic."""
+    max_seq = None
+    if is_hf_model(model):
+        max_seq = getattr(model.config, "max_position_embeddings", None)
+    batch = Dim("batch")
+    seq = Dim("seq", max=max_seq) if max_seq else Dim("seq")
+    shapes = {}
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            shapes[name] = {0: batch, 1: seq}
+        elif isinstance(value, torch.Tensor) and value.dim() == 1:
+            shapes[name] = {0: batch}
+        else:
+            shapes[name] = None
+    return shapes
+
+
+def trace(
+    model: torch.nn.Module,
+    example_inputs: tuple | None = None,
+    example_kwargs: dict | None = None,
+    dynamic_shapes: dict | None = None,
+) -> Traced:
+    """Trace ``model`` with ``torch.export`` into an ATen graph.
+
+    Hugging Face causal LMs need no example input (one is made from ``model.config``); any other
+    module needs ``example_inputs`` (positional) or ``example_kwargs``. Batch and sequence length
+    (dims 0 and 1 of each input) are dynamic. The model is not modified (its train/eval mode is
+    restored).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    kwargs = dict(example_kwargs or {})
+    if example_inputs is not None:
+        names = [p for p in inspect.signature(model.forward).parameters if p not in ("self",)]
+        example_inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        kwargs.update(dict(zip(names, example_inputs)))
+    if not kwargs:
+        if not is_hf_model(model):
+            raise TraceError(
+                f"{type(model).__name__} is not a Hugging Face model, so graphprune cannot invent its input: "
+                "pass example_inputs=(tensor, ...) or example_kwargs={...}"
+            )
+        kwargs = hf_example_kwargs(model)
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] < 2:
+            raise TraceError(f"example input {name!r} has batch size {value.shape[0]}: use at least 2 so the batch dim stays dynamic")
+    shapes = dynamic_shapes if dynamic_shapes is not None else _dynamic_shapes(model, kwargs)
+    was_training = model.training
+    model.eval()
+    try:
+        program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+    except Exception as exc:  # torch.export raises many types; all mean "not traceable"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TraceError(
+            f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {first[:500]}. "
+            "Check for data-dependent Python control flow or unsupported inputs; pass example_kwargs "
+            "matching forward(), or dynamic_shapes= to pin dimensions that cannot vary."
+        ) from exc
+    finally:
+        model.train(was_training)
+    config = model.config.to_dict() if is_hf_model(model) else None
+    return Traced(
+        module=program.module(),
+        program=program,
+        example_kwargs=kwargs,
+        dynamic_shapes=shapes,
+        model_class=type(model).__name__,
+        config=config,
+        input_names=list(kwargs),
+    )
