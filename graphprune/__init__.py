@@ -1,0 +1,36 @@
+"""graphprune: a model-compression compiler that makes LLMs physically smaller.
+
+    import graphprune
+    small = graphprune.compile(model, ratio=0.5)   # trace -> analyse -> score -> plan -> rewrite
+    print(small.report)
+    print(graphprune.verify(small))                # pruned graph == masked dense graph
+
+Each stage is public on its own: ``trace``, ``analyze``, ``score``, ``make_plan``, ``rewrite``.
+"""
+from .analysis import ALL_KINDS, DEFAULT_KINDS, DependencyGraph, Group, OpRule, analyze, register_op_rule
+from .api import CompiledModel, Report, Verification, compile, load, verify
+from .errors import (
+    ExportError,
+    GraphpruneError,
+    LoadError,
+    PlanError,
+    RewriteError,
+    TraceError,
+    UnsupportedOpError,
+)
+from .masking import MaskedModel, insert_masks
+from .plan import PruningPlan, keep_all_plan, make_plan
+from .registry import ScoringPass, available_passes, register_pass
+from .rewrite import rewrite
+from .scoring import ScoringContext, score
+from .trace import Traced, trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compile", "load", "verify", "trace", "analyze", "score", "make_plan", "keep_all_plan", "rewrite",
+    "insert_masks", "register_pass", "register_op_rule", "available_passes",
+    "CompiledModel", "Report", "Verification", "DependencyGraph", "Group", "OpRule", "PruningPlan",
+    "MaskedModel", "ScoringPass", "ScoringContext", "Traced", "DEFAULT_KINDS", "ALL_KINDS",
+    "GraphpruneError", "TraceError", "UnsupportedOpError", "PlanError", "RewriteError", "ExportError", "LoadError",
+]

@@ -1,0 +1,333 @@
+"""The one verb: ``graphprune.compile(model, ratio)`` — trace, analyse, score, plan, rewrite.
+
+Also ``load`` (a saved compiled model) and ``verify`` (pruned graph == masked dense graph).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from tqdm.auto import tqdm
+
+from .analysis import DEFAULT_KINDS, DependencyGraph, analyze
+from .analysis.groups import block_of
+from .errors import ExportError, GraphpruneError, LoadError
+from .masking import insert_masks
+from .plan import PruningPlan, atomic_write_text, check_ratio, make_plan
+from .rewrite import rewrite
+from .scoring import score
+from .trace import Traced, trace
+
+SAVE_FORMAT = "graphprune.model"
+SAVE_VERSION = 1
+
+
+# ================================================================ report
+@dataclass
+class Report:
+    """What a compile did: parameter counts, kept widths per group, time per stage, frozen channels."""
+
+    method: str
+    ratio: float
+    params_before: int
+    params_after: int
+    block_params_before: int
+    block_params_after: int
+    groups: list[tuple[str, str, int, int]]  # name, kind, kept, total
+    seconds: dict[str, float] = field(default_factory=dict)
+    frozen: list[tuple[str, str]] = field(default_factory=list)
+    unsupported_ops: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def achieved_ratio(self) -> float:
+        return 1 - self.block_params_after / self.block_params_before if self.block_params_before else 0.0
+
+    def per_layer(self) -> list[dict]:
+        """One row per transformer block: kept/total units of each group kind."""
+        rows: dict[str, dict] = {}
+        for name, kind, kept, total in self.groups:
+            block = block_of(name.split(":")[0] + ".x") or "(global)"
+            row = rows.setdefault(block, {"block": block})
+            k0, t0 = row.get(kind, (0, 0))
+            row[kind] = (k0 + kept, t0 + total)
+        return list(rows.values())
+
+    def table(self) -> str:
+        kinds = sorted({g[1] for g in self.groups})
+        head = ["block", *kinds]
+        rows = [[r["block"], *(f"{r[k][0]}/{r[k][1]}" if k in r else "-" for k in kinds)] for r in self.per_layer()]
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        return "\n".join([fmt.format(*head), *(fmt.format(*r) for r in rows)])
+
+    def __str__(self) -> str:
+        lines = [
+            f"graphprune: {self.method}, target ratio {self.ratio:.0%} of block parameters",
+            f"  parameters      {self.params_before:>14,} -> {self.params_after:>14,} ({1 - self.params_after / max(self.params_before, 1):.1%} fewer)",
+            f"  block params    {self.block_params_before:>14,} -> {self.block_params_after:>14,} (achieved {self.achieved_ratio:.1%})",
+            "  time            " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()),
+        ]
+        if self.unsupported_ops:
+            lines.append("  ops without a rule (channels frozen): " + ", ".join(f"{k} x{v}" for k, v in self.unsupported_ops.items()))
+        return "\n".join(lines) + "\n" + self.table()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["achieved_ratio"] = self.achieved_ratio
+        return d
+
+
+# ================================================================ compiled model
+@dataclass
+class CompiledModel:
+    """A pruned model: ``module`` is called like the original (same inputs, same output structure)."""
+
+    module: fx.GraphModule
+    plan: PruningPlan
+    report: Report | None = None
+    traced: Traced | None = None  # the dense model's trace (absent after load)
+    dg: DependencyGraph | None = None  # the dense model's analysis (absent after load)
+    example_kwargs: dict | None = None
+    dynamic_shapes: dict | None = None
+    config: dict | None = None
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def export_program(self) -> torch.export.ExportedProgram:
+        """Re-trace the pruned graph with ``torch.export`` (dynamic batch and sequence)."""
+        try:
+            return torch.export.export(self.module, (), self.example_kwargs, dynamic_shapes=self.dynamic_shapes, strict=False)
+        except Exception as exc:
+            raise ExportError(f"could not export the pruned graph: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``model.pt2``, ``plan.json``, ``report.json`` and a manifest; atomically (temp dir + rename)."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        program = self.export_program()
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
+        try:
+            torch.export.save(program, tmp / "model.pt2")
+            self.plan.save(tmp / "plan.json")
+            if self.report is not None:
+                atomic_write_text(tmp / "report.json", json.dumps(self.report.to_dict(), indent=1))
+            manifest = {
+                "format": SAVE_FORMAT,
+                "version": SAVE_VERSION,
+                "model_class": self.plan.model_class,
+                "config": self.config,
+                "example_kwargs": {k: _describe(v) for k, v in (self.example_kwargs or {}).items()},
+                "num_parameters": self.num_parameters(),
+            }
+            atomic_write_text(tmp / "graphprune.json", json.dumps(manifest, indent=1, default=str))
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+                os.replace(directory, old)
+                os.replace(tmp, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+
+def _describe(value):
+    if isinstance(value, torch.Tensor):
+        return {"tensor": list(value.shape), "dtype": str(value.dtype).replace("torch.", "")}
+    return value
+
+
+def _example_from_manifest(desc: dict) -> dict:
+    out = {}
+    for k, v in desc.items():
+        if isinstance(v, dict) and "tensor" in v:
+            dtype = getattr(torch, v["dtype"])
+            out[k] = torch.zeros(v["tensor"], dtype=dtype) if not dtype.is_floating_point else torch.randn(v["tensor"]).to(dtype)
+        else:
+            out[k] = v
+    return out
+
+
+def load(directory: str | os.PathLike) -> CompiledModel:
+    """Load a directory written by :meth:`CompiledModel.save`."""
+    directory = Path(directory)
+    manifest_path = directory / "graphprune.json"
+    if not manifest_path.exists():
+        raise LoadError(f"{directory} is not a saved graphprune model (no graphprune.json)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LoadError(f"corrupt manifest {manifest_path}: {exc}") from exc
+    if manifest.get("format") != SAVE_FORMAT:
+        raise LoadError(f"{manifest_path} is not a graphprune model manifest")
+    if manifest.get("version", 0) > SAVE_VERSION:
+        raise LoadError(f"saved with a newer format version ({manifest['version']} > {SAVE_VERSION}); upgrade graphprune")
+    plan = PruningPlan.load(directory / "plan.json")
+    try:
+        program = torch.export.load(directory / "model.pt2")
+    except FileNotFoundError as exc:
+        raise LoadError(f"missing {directory / 'model.pt2'}") from exc
+    except Exception as exc:
+        raise LoadError(f"corrupt or truncated {directory / 'model.pt2'}: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    report = None
+    if (directory / "report.json").exists():
+        data = json.loads((directory / "report.json").read_text())
+        data.pop("achieved_ratio", None)
+        data["groups"] = [tuple(g) for g in data["groups"]]
+        data["frozen"] = [tuple(f) for f in data["frozen"]]
+        report = Report(**data)
+    return CompiledModel(
+        module=program.module(), plan=plan, report=report,
+        example_kwargs=_example_from_manifest(manifest.get("example_kwargs", {})), config=manifest.get("config"),
+    )
+
+
+# ================================================================ compile
+@contextmanager
+def _stage(seconds: dict, name: str, bar):
+    if bar is not None:
+        bar.set_description(f"graphprune: {name}")
+    t0 = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - t0
+    if bar is not None:
+        bar.update(1)
+
+
+def compile(
+    model: torch.nn.Module,
+    ratio: float = 0.5,
+    method: str = "magnitude",
+    *,
+    kinds=DEFAULT_KINDS,
+    allocation: str = "uniform",
+    round_to: int = 1,
+    ignore=(),
+    calib=None,
+    plan: PruningPlan | None = None,
+    example_inputs=None,
+    example_kwargs: dict | None = None,
+    strict: bool = False,
+    progress: bool = True,
+    **method_config,
+) -> CompiledModel:
+    """Prune ``model`` by ``ratio`` of its transformer-block parameters and return a smaller graph.
+
+    ``kinds`` picks what may be removed (``"heads"`` — KV groups under GQA — and ``"channels"`` by
+    default; also ``"query_heads"``, ``"head_dim"``, ``"hidden"``). ``allocation`` is ``"uniform"``
+    (same fraction per layer) or ``"global"``; ``round_to`` keeps channel widths at multiples;
+    ``ignore`` protects modules by name pattern; ``plan`` replays a saved plan instead of scoring.
+    The caller's model is never modified.
+    """
+    ratio = check_ratio(ratio)
+    seconds: dict[str, float] = {}
+    bar = tqdm(total=5, disable=not progress, leave=False)
+    try:
+        with _stage(seconds, "trace", bar):
+            traced = trace(model, example_inputs=example_inputs, example_kwargs=example_kwargs)
+        with _stage(seconds, "analyze", bar):
+            dg = analyze(traced, strict=strict)
+        with _stage(seconds, "score", bar):
+            scores = None if plan is not None else score(dg, method, kinds=kinds, ignore=ignore, calib=calib, **method_config)
+        with _stage(seconds, "plan", bar):
+            if plan is None:
+                plan = make_plan(dg, scores, ratio, kinds=kinds, allocation=allocation, round_to=round_to,
+                                 ignore=ignore, method=method if isinstance(method, str) else method.name,
+                                 model_class=traced.model_class)
+            leaf_keep = plan.leaf_keep(dg)
+        with _stage(seconds, "rewrite", bar):
+            module = rewrite(dg, leaf_keep)
+    finally:
+        bar.close()
+    report = Report(
+        method=plan.method, ratio=plan.ratio, params_before=plan.params_before, params_after=plan.params_after,
+        block_params_before=plan.block_params_before, block_params_after=plan.block_params_after,
+        groups=[(g.name, g.kind, len(g.keep), g.size) for g in plan.groups], seconds=seconds,
+        frozen=dg.frozen_report(), unsupported_ops=dict(dg.walk.unsupported),
+    )
+    return CompiledModel(module=module, plan=plan, report=report, traced=traced, dg=dg,
+                         example_kwargs=traced.example_kwargs, dynamic_shapes=traced.dynamic_shapes, config=traced.config)
+
+
+# ================================================================ verify
+@dataclass
+class Verification:
+    max_abs: float
+    max_rel: float
+    trials: int
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel <= self.tolerance
+
+    def __str__(self) -> str:
+        verdict = "OK" if self.ok else "MISMATCH"
+        return f"pruned vs masked dense: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g} over {self.trials} inputs ({verdict}, tolerance {self.tolerance:g})"
+
+
+def random_inputs(example_kwargs: dict, batch: int, seq: int, generator: torch.Generator, vocab: int | None = None) -> dict:
+    """Fresh inputs shaped like the example ones, with new batch (dim 0) and sequence (dim 1) sizes."""
+    out = {}
+    for name, v in example_kwargs.items():
+        if not isinstance(v, torch.Tensor):
+            out[name] = v
+            continue
+        shape = list(v.shape)
+        shape[0] = batch
+        if len(shape) > 1:
+            shape[1] = seq
+        if v.dtype.is_floating_point:
+            out[name] = torch.randn(shape, generator=generator).to(v.dtype).to(v.device)
+        elif v.dtype == torch.bool:
+            out[name] = torch.ones(shape, dtype=torch.bool, device=v.device)
+        else:
+            high = vocab or int(v.max()) + 1
+            out[name] = torch.randint(0, max(high, 1), shape, generator=generator).to(v.dtype).to(v.device)
+    return out
+
+
+def verify(compiled: CompiledModel, trials: int = 3, seed: int = 0, tolerance: float = 1e-5) -> Verification:
+    """Check on fresh random inputs that the pruned graph equals the masked dense graph.
+
+    The masked dense graph is the original graph with a 0/1 mask multiplied onto every value that
+    carries a pruned group; equality means the rewrite removed exactly the planned units and
+    nothing else. ``max_rel`` is the worst deviation relative to the largest output magnitude.
+    """
+    if compiled.dg is None:
+        raise GraphpruneError("verify needs the dense model's analysis: call it on the result of compile(), not load()")
+    groups = [compiled.dg.group(g.name) for g in compiled.plan.groups]
+    masked = insert_masks(compiled.dg, groups)
+    masked.set_keep({g.name: g.keep for g in compiled.plan.groups})
+    gen = torch.Generator().manual_seed(seed)
+    vocab = (compiled.config or {}).get("vocab_size")
+    max_abs = max_rel = 0.0
+    for t in range(trials):
+        batch, seq = 2 + t % 3, 3 + (5 * t) % 11
+        kwargs = random_inputs(compiled.example_kwargs, batch, seq, gen, vocab)
+        with torch.no_grad():
+            a = [x for x in pytree.tree_leaves(compiled.module(**kwargs)) if isinstance(x, torch.Tensor)]
+            b = [x for x in pytree.tree_leaves(masked(**kwargs)) if isinstance(x, torch.Tensor)]
+        for x, y in zip(a, b):
+            diff = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
+            scale = max(y.double().abs().max().item(), 1e-12) if y.numel() else 1.0
+            max_abs, max_rel = max(max_abs, diff), max(max_rel, diff / scale)
+    if math.isnan(max_abs):
+        max_abs = max_rel = math.inf
+    return Verification(max_abs, max_rel, trials, tolerance)

@@ -1,0 +1,249 @@
+"""Pruning plans: which units of which group survive, as plain versioned JSON.
+
+``make_plan`` turns importance scores into a plan at a target ratio, where the ratio is the
+fraction of the transformer blocks' parameters removed (embeddings and the LM head are untouched
+unless the hidden size is pruned). Allocation is ``uniform`` (the same fraction of every group)
+or ``global`` (units of one kind ranked together across layers, so layers end up different).
+A plan carries a fingerprint of the model's structure, so replaying it on another model fails.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .analysis import DEFAULT_KINDS, DependencyGraph, Group
+from .analysis.groups import select_groups
+from .errors import LoadError, PlanError
+
+PLAN_FORMAT = "graphprune.plan"
+PLAN_VERSION = 1
+ROUNDED_KINDS = ("channels", "hidden")  # kinds whose unit is one channel: widths can be rounded
+
+
+@dataclass
+class PlanGroup:
+    name: str
+    kind: str
+    size: int
+    keep: list[int]
+    members: list[list] = field(default_factory=list)  # [param name, dim]
+
+
+@dataclass
+class PruningPlan:
+    fingerprint: str
+    groups: list[PlanGroup]
+    model_class: str = ""
+    method: str = ""
+    ratio: float = 0.0
+    allocation: str = "uniform"
+    params_before: int = 0
+    params_after: int = 0
+    block_params_before: int = 0
+    block_params_after: int = 0
+    format: str = PLAN_FORMAT
+    version: int = PLAN_VERSION
+
+    # ------------------------------------------------------------ numbers
+    @property
+    def achieved_ratio(self) -> float:
+        """Fraction of transformer-block parameters removed."""
+        return 1 - self.block_params_after / self.block_params_before if self.block_params_before else 0.0
+
+    # ------------------------------------------------------------ applying
+    def leaf_keep(self, dg: DependencyGraph) -> dict[int, torch.Tensor]:
+        """Boolean keep-masks per group leaf of ``dg``; fails clearly on another model's plan."""
+        self.check(dg)
+        out = {}
+        for pg in self.groups:
+            g = dg.group(pg.name)
+            mask = torch.zeros(g.size, dtype=torch.bool)
+            mask[torch.as_tensor(pg.keep, dtype=torch.long)] = True
+            out[g.axis] = mask
+        return out
+
+    def check(self, dg: DependencyGraph) -> None:
+        if self.fingerprint != dg.fingerprint():
+            raise PlanError(
+                f"this plan was made for another model (plan fingerprint {self.fingerprint}, model "
+                f"{dg.fingerprint()}, model class {self.model_class or '?'}): re-plan for this model"
+            )
+        names = {g.name: g for g in dg.groups}
+        for pg in self.groups:
+            g = names.get(pg.name)
+            if g is None:
+                raise PlanError(f"plan group {pg.name!r} does not exist in this model")
+            if pg.size != g.size:
+                raise PlanError(f"plan group {pg.name!r} has {pg.size} units, the model has {g.size}")
+            if not pg.keep:
+                raise PlanError(f"plan group {pg.name!r} keeps no unit; at least one must stay")
+            if len(set(pg.keep)) != len(pg.keep) or min(pg.keep) < 0 or max(pg.keep) >= g.size:
+                raise PlanError(f"plan group {pg.name!r} has invalid kept indices (duplicates or out of [0, {g.size}))")
+
+    def kept_widths(self) -> dict[str, tuple[int, int]]:
+        return {g.name: (len(g.keep), g.size) for g in self.groups}
+
+    # ------------------------------------------------------------ JSON
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PruningPlan":
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise LoadError("not a graphprune plan (missing 'format': 'graphprune.plan')")
+        if data.get("version", 0) > PLAN_VERSION:
+            raise LoadError(f"plan format version {data['version']} is newer than this graphprune ({PLAN_VERSION}); upgrade graphprune")
+        try:
+            groups = [PlanGroup(**g) for g in data["groups"]]
+            fields = {k: v for k, v in data.items() if k != "groups"}
+            return cls(groups=groups, **fields)
+        except (KeyError, TypeError) as exc:
+            raise LoadError(f"corrupt plan: {exc}") from exc
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PruningPlan":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise LoadError(f"no plan at {path}") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise LoadError(f"corrupt plan file {path}: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ================================================================ making plans
+def check_ratio(ratio: float) -> float:
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not (0.0 <= float(ratio) < 1.0) or math.isnan(ratio):
+        raise PlanError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    return float(ratio)
+
+
+def _round_keep(n: float, size: int, round_to: int, min_keep: int) -> int:
+    k = int(round(n))
+    if round_to > 1 and size >= round_to:
+        k = max(round_to, int(round(k / round_to)) * round_to)
+    return max(min(min_keep, size), min(size, k))
+
+
+def _keep_counts(groups, scores, p, allocation, round_to, min_keep) -> dict[str, int]:
+    counts = {}
+    if allocation == "uniform":
+        for g in groups:
+            r = round_to if g.kind in ROUNDED_KINDS else 1
+            counts[g.name] = _round_keep(g.size * (1 - p), g.size, r, min_keep)
+        return counts
+    # global: within each kind, rank every unit of every layer together
+    for kind in {g.kind for g in groups}:
+        mine = [g for g in groups if g.kind == kind]
+        pooled = torch.cat([scores[g.name].float() for g in mine])
+        n_remove = int(round(p * len(pooled)))
+        threshold = pooled.sort().values[n_remove - 1] if n_remove > 0 else -math.inf
+        for g in mine:
+            r = round_to if g.kind in ROUNDED_KINDS else 1
+            n_keep = int((scores[g.name].float() > threshold).sum()) if n_remove > 0 else g.size
+            counts[g.name] = _round_keep(n_keep, g.size, r, min_keep)
+    return counts
+
+
+def make_plan(
+    dg: DependencyGraph,
+    scores: dict[str, torch.Tensor],
+    ratio: float,
+    *,
+    kinds=DEFAULT_KINDS,
+    allocation: str = "uniform",
+    round_to: int = 1,
+    ignore=(),
+    min_keep: int = 1,
+    method: str = "",
+    model_class: str = "",
+) -> PruningPlan:
+    """Keep the highest-scoring units so that ``ratio`` of the block parameters are removed."""
+    ratio = check_ratio(ratio)
+    if allocation not in ("uniform", "global"):
+        raise PlanError(f"allocation must be 'uniform' or 'global', got {allocation!r}")
+    if not isinstance(round_to, int) or round_to < 1:
+        raise PlanError(f"round_to must be a positive integer, got {round_to!r}")
+    groups = select_groups(dg.groups, kinds, ignore)
+    for g in groups:
+        if g.name not in scores:
+            raise PlanError(f"no scores for group {g.name!r}")
+        if scores[g.name].shape != (g.size,):
+            raise PlanError(f"scores for {g.name!r} have shape {tuple(scores[g.name].shape)}, expected ({g.size},)")
+        if not torch.isfinite(scores[g.name]).all():
+            raise PlanError(f"scores for {g.name!r} are not finite")
+    block = dg.block_params()
+    before, block_before = dg.param_count(), dg.param_count(names=block)
+
+    def achieved(counts) -> float:
+        kept = {g.axis: counts[g.name] for g in groups}
+        return 1 - dg.param_count(kept, names=block) / block_before
+
+    lo, hi = 0.0, 1.0
+    counts = _keep_counts(groups, scores, 0.0, allocation, round_to, min_keep)
+    if ratio > 0 and groups:
+        for _ in range(40):  # bisection on the fraction of units removed
+            mid = (lo + hi) / 2
+            if achieved(_keep_counts(groups, scores, mid, allocation, round_to, min_keep)) < ratio:
+                lo = mid
+            else:
+                hi = mid
+        c_lo = _keep_counts(groups, scores, lo, allocation, round_to, min_keep)
+        c_hi = _keep_counts(groups, scores, hi, allocation, round_to, min_keep)
+        counts = min((c_lo, c_hi), key=lambda c: abs(achieved(c) - ratio))
+    plan_groups = []
+    for g in groups:
+        order = torch.argsort(scores[g.name].float(), descending=True, stable=True)
+        keep = sorted(order[: counts[g.name]].tolist())
+        plan_groups.append(PlanGroup(g.name, g.kind, g.size, keep, [[m.param, m.dim] for m in g.members]))
+    plan = PruningPlan(
+        fingerprint=dg.fingerprint(), groups=plan_groups, model_class=model_class, method=method,
+        ratio=ratio, allocation=allocation,
+    )
+    fill_counts(plan, dg)
+    return plan
+
+
+def fill_counts(plan: PruningPlan, dg: DependencyGraph) -> None:
+    """Set the plan's before/after parameter counts from the dependency graph."""
+    kept = {dg.group(g.name).axis: len(g.keep) for g in plan.groups}
+    block = dg.block_params()
+    plan.params_before, plan.params_after = dg.param_count(), dg.param_count(kept)
+    plan.block_params_before = dg.param_count(names=block)
+    plan.block_params_after = dg.param_count(kept, names=block)
+
+
+def keep_all_plan(dg: DependencyGraph, kinds=DEFAULT_KINDS) -> PruningPlan:
+    """A plan that removes nothing (every group of ``kinds`` keeps every unit)."""
+    groups = select_groups(dg.groups, kinds)
+    plan = PruningPlan(
+        fingerprint=dg.fingerprint(),
+        groups=[PlanGroup(g.name, g.kind, g.size, list(range(g.size)), [[m.param, m.dim] for m in g.members]) for g in groups],
+    )
+    fill_counts(plan, dg)
+    return plan
