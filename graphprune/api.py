@@ -298,7 +298,7 @@ def random_inputs(example_kwargs: dict, batch: int, seq: int, generator: torch.G
         elif v.dtype == torch.bool:
             out[name] = torch.ones(shape, dtype=torch.bool, device=v.device)
         else:
-            high = vocab or int(v.max()) + 1
+            high = vocab if (vocab and name == "input_ids") else int(v.max()) + 1
             out[name] = torch.randint(0, max(high, 1), shape, generator=generator).to(v.dtype).to(v.device)
     return out
 

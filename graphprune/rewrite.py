@@ -39,10 +39,11 @@ class AxisMasks:
         return self._cache[root]
 
     def pruned(self, axis: int) -> bool:
-        return not bool(self.mask(axis).all())
+        # decided from the leaves, so that huge axes (batch x sequence) never get a mask tensor
+        return any(leaf in self.keep and not bool(self.keep[leaf].all()) for leaf in self.dg.table.leaves(axis))
 
     def kept(self, axis: int) -> int:
-        return int(self.mask(axis).sum())
+        return int(self.mask(axis).sum()) if self.pruned(axis) else self.size(axis)
 
     def size(self, axis: int) -> int:
         return self.dg.table.size[self.dg.table.find(axis)]
@@ -64,16 +65,21 @@ class RewriteContext(AxisMasks):
         with self.gm.graph.inserting_before(first):
             return self.gm.graph.get_attr(name)
 
+    def replace(self, old: fx.Node, new: fx.Node) -> None:
+        """Route ``old``'s users to ``new`` (same channels), so later rules still find its axes."""
+        self.by_name[new.name] = self.by_name[old.name]
+        old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+
     def scale_output(self, node: fx.Node, factor: float) -> None:
         with node.graph.inserting_after(node):
             scaled = node.graph.call_function(aten.mul.Tensor, (node, factor))
-        node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+        self.replace(node, scaled)
 
     def select_output(self, node: fx.Node, dim: int, mask: torch.Tensor) -> None:
         index = self.constant(mask.nonzero().flatten())
         with node.graph.inserting_after(node):
             picked = node.graph.call_function(aten.index_select.default, (node, dim, index))
-        node.replace_all_uses_with(picked, delete_user_cb=lambda user: user is not picked)
+        self.replace(node, picked)
 
 
 def _set_tensor(root: torch.nn.Module, target: str, value: torch.Tensor) -> None:

@@ -136,6 +136,12 @@ def mm_like(w: Walk, node: fx.Node, left: fx.Node, right: fx.Node):
                 w.union(out[-i], src[-i], node)
     w.union(out[-2], a[-2], node)
     w.union(out[-1], b[-1], node)
+    if len(out) >= 4:  # batched matmul over (batch, heads): attention written out as q@k^T, p@v
+        for i in range(3, len(out)):
+            if w.is_static(node, -i) and w.shape(node)[-i] > 1:
+                w.table.tag(out[-i], "heads")
+        contracted = w.is_static(left, -1)
+        w.table.tag(a[-1] if contracted else out[-1], "head_dim")
     return out
 
 
@@ -222,6 +228,10 @@ def transpose(w: Walk, node: fx.Node):
     d0, d1 = (arg(node, 1, "dim0", 0) % len(ax), arg(node, 2, "dim1", 1) % len(ax)) if len(node.args) > 1 else (0, 1)
     ax[d0], ax[d1] = ax[d1], ax[d0]
     return ax
+
+
+def numpy_t(w: Walk, node: fx.Node):
+    return list(reversed(w.of(node.args[0])))
 
 
 def permute(w: Walk, node: fx.Node):
@@ -521,7 +531,8 @@ def repeat_interleave(w: Walk, node: fx.Node):
     for k, a in enumerate(ax):
         if k != d:
             w.union(out[k], a, node)
-    w.union(out[d], w.table.compose(PROD, [ax[d], w.table.new(r, "repeat")], "repeat_interleave"), node)
+    if w.is_static(node.args[0], d):
+        w.union(out[d], w.table.compose(PROD, [ax[d], w.table.new(r, "repeat")], "repeat_interleave"), node)
     return out
 
 
@@ -628,7 +639,7 @@ def rw_layer_norm(ctx, node: fx.Node):
             y = g.call_function(aten.mul.Tensor, (y, weight))
         if bias is not None:
             y = g.call_function(aten.add.Tensor, (y, bias))
-    node.replace_all_uses_with(y)
+    ctx.replace(node, y)
     g.erase_node(node)
 
 
@@ -647,7 +658,7 @@ def rw_rms_norm(ctx, node: fx.Node):
         y = g.call_function(aten.mul.Tensor, (x, g.call_function(aten.rsqrt.default, (g.call_function(aten.add.Tensor, (ms, eps)),))))
         if weight is not None:
             y = g.call_function(aten.mul.Tensor, (y, weight))
-    node.replace_all_uses_with(y)
+    ctx.replace(node, y)
     g.erase_node(node)
 
 
@@ -706,7 +717,7 @@ _CREATION = """full zeros ones empty empty_strided scalar_tensor rand randn rand
 new_empty tensor arange linspace""".split()
 
 for _name in _ELEMENTWISE:
-    register_op_rule(f"aten.{_name}", elementwise)
+    register_op_rule([f"aten.{_name}", f"aten.{_name}_"], elementwise)  # in-place variants too
 for _name in _IDENTITY:
     register_op_rule(f"aten.{_name}", identity)
 for _name in _IGNORE:
@@ -726,6 +737,7 @@ register_op_rule(["aten.unsqueeze", "aten.squeeze", "aten.flatten", "aten.unflat
 register_op_rule(["aten.expand", "aten.expand_copy", "aten.broadcast_to"], expand, rw_size_list(1))
 register_op_rule(["aten.transpose", "aten.t", "aten.swapaxes"], transpose)
 register_op_rule("aten.permute", permute)
+register_op_rule("aten.numpy_T", numpy_t)
 register_op_rule("aten.slice", slice_, rw_slice)
 register_op_rule("aten.narrow", narrow, rw_narrow)
 register_op_rule("aten.select", select)
