@@ -110,8 +110,13 @@ def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None) -> Mask
             with graph.inserting_after(view):
                 typed = graph.call_function(aten.type_as.default, (view, node))
             with graph.inserting_after(typed):
-                out = graph.call_function(aten.mul.Tensor, (out, typed))
-            inserted |= {view, typed, out}
+                scaled = graph.call_function(aten.mul.Tensor, (out, typed))
+            # where(): a removed unit is exactly 0 even where the dense value is inf (0 * inf = nan)
+            with graph.inserting_after(scaled):
+                live = graph.call_function(aten.ne.Scalar, (typed, 0))
+            with graph.inserting_after(live):
+                out = graph.call_function(aten.where.ScalarOther, (live, scaled, 0.0))
+            inserted |= {view, typed, scaled, live, out}
         node.replace_all_uses_with(out, delete_user_cb=lambda user, mine=inserted: user not in mine)
     graph.lint()
     gm.recompile()

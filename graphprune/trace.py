@@ -88,6 +88,8 @@ def trace(
         names = [p for p in inspect.signature(model.forward).parameters if p not in ("self",)]
         example_inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         kwargs.update(dict(zip(names, example_inputs)))
+    if kwargs and is_hf_model(model) and "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs.setdefault("use_cache", False)  # no KV cache in the traced graph
     if not kwargs:
         if not is_hf_model(model):
             raise TraceError(

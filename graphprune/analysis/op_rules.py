@@ -262,6 +262,8 @@ def slice_(w: Walk, node: fx.Node):
     if step != 1:
         w.freeze([ax[d]], node, "strided slice")
         out[d] = w.fresh(node)[d]
+    elif e <= s:  # empty slice: nothing flows through
+        out[d] = w.fresh(node)[d]
     elif (s, e) != (0, n):
         sizes = [x for x in (s, e - s, n - e) if x > 0]
         parts = w.table.refine(ax[d], CAT, sizes, str(node.target))
