@@ -1,0 +1,42 @@
+"""Shared, cached set-up: tracing and analysing each zoo model once per test session."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import zoo  # noqa: E402
+
+import graphprune  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+STORIES = SHARED / "data" / "models" / "stories260K"
+ARCHS = sorted(zoo.ALL)
+
+
+@functools.lru_cache(maxsize=None)
+def analysed(name: str):
+    """(model, traced, dependency graph) of a zoo model, built once."""
+    model = zoo.ALL[name]()
+    traced = graphprune.trace(model, example_kwargs=zoo.example_inputs(name))
+    return model, traced, graphprune.analyze(traced)
+
+
+def outputs(x) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]
+
+
+def fresh_inputs(name: str, traced, batch: int, seq: int, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return graphprune.api.random_inputs(traced.example_kwargs, batch, seq, gen, zoo._vocab_size(name))
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    if not STORIES.exists():
+        pytest.fail(f"shipped model missing: {STORIES} (is ../shared beside the repo?)")
+    return STORIES
