@@ -1,0 +1,115 @@
+"""What the dependency analysis finds, from the ops alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import analysed
+
+import graphprune
+from graphprune.analysis import op_rules
+
+
+def groups_of(dg, kind, layer="layers.0."):
+    return [g for g in dg.groups if g.kind == kind and any(layer in m.param for m in g.members)]
+
+
+def members(group):
+    return {(m.param.split(".", 1)[-1] if False else m.param, m.dim) for m in group}
+
+
+def test_llama_gqa_groups():
+    model, _, dg = analysed("llama_gqa")
+    cfg = model.config
+    (heads,) = groups_of(dg, "heads")
+    assert heads.size == cfg.num_key_value_heads  # unit = one KV head with its query heads
+    got = {(m.param, m.dim) for m in heads.members}
+    p = "model.layers.0.self_attn."
+    assert got == {(p + "q_proj.weight", 0), (p + "k_proj.weight", 0), (p + "v_proj.weight", 0), (p + "o_proj.weight", 1)}
+    q = next(m for m in heads.members if m.param.endswith("q_proj.weight"))
+    n_rep, d = cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
+    # query head h reads KV head h // n_rep: rows of q_proj grouped per KV head
+    assert q.coords.tolist() == [h // n_rep for h in range(cfg.num_attention_heads) for _ in range(d)]
+    (qh,) = groups_of(dg, "query_heads")
+    assert qh.size == n_rep
+    (mlp,) = groups_of(dg, "channels")
+    assert mlp.size == cfg.intermediate_size
+    assert {m.param.rsplit(".", 2)[-2] for m in mlp.members} == {"gate_proj", "up_proj", "down_proj"}
+    (hidden,) = [g for g in dg.groups if g.kind == "hidden"]
+    assert hidden.size == cfg.hidden_size
+    names = {m.param for m in hidden.members}
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= names
+
+
+def test_fused_qkv_split_by_chunk():
+    _, _, dg = analysed("fused_qkv_attn")
+    (heads,) = groups_of(dg, "heads", layer="blocks.0.")
+    qkv = [m for m in heads.members if m.param.endswith("qkv.weight")]
+    assert len(qkv) == 1 and qkv[0].dim == 0
+    coords = qkv[0].coords
+    # the fused rows are cat(q, k, v): every head owns head_dim rows in each third
+    third = coords.numel() // 3
+    assert torch.equal(coords[:third], coords[third : 2 * third]) and torch.equal(coords[:third], coords[2 * third :])
+    assert sorted(set(coords.tolist())) == list(range(heads.size))
+
+
+def test_gpt2_conv1d_addmm_weight_is_in_out():
+    _, _, dg = analysed("gpt2")
+    (mlp,) = groups_of(dg, "channels", layer="h.0.")
+    got = {(m.param, m.dim) for m in mlp.members}
+    assert ("transformer.h.0.mlp.c_fc.weight", 1) in got  # Conv1D weight is (in, out)
+    assert ("transformer.h.0.mlp.c_proj.weight", 0) in got
+    assert ("transformer.h.0.mlp.c_fc.bias", 0) in got
+
+
+def test_moe_expert_channels_are_one_group_across_experts():
+    model, _, dg = analysed("mixtral")
+    chans = groups_of(dg, "channels")
+    assert any(any(m.param.endswith("experts.gate_up_proj") for m in g.members) for g in chans)
+    # whole experts are selected by router ids (data): they are frozen, with that reason reported
+    assert any("indexed by a tensor" in why for _, why in dg.frozen_report())
+
+
+class Flipper(nn.Module):
+    """Uses torch.flip, an op with no channel rule, on the hidden channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(torch.flip(torch.relu(self.up(x)), dims=[-1]))
+
+
+def test_unknown_op_freezes_and_strict_raises():
+    model = Flipper()
+    x = torch.randn(2, 3, 8)
+    dg = graphprune.analyze(model, example_inputs=(x,))
+    assert "aten.flip.default" in dg.walk.unsupported
+    assert not [g for g in dg.groups if g.size == 16]  # the 16 channels are frozen...
+    assert any("without a rule" in why for _, why in dg.frozen_report())  # ...and the report says why
+    with pytest.raises(graphprune.UnsupportedOpError, match="aten.flip"):
+        graphprune.analyze(model, example_inputs=(x,), strict=True)
+
+
+def test_registering_an_op_rule_unfreezes_it():
+    def flip_rule(walk, node):  # flip reverses positions: channels stay the same set, so couple them
+        return walk.of(node.args[0])
+
+    try:
+        graphprune.register_op_rule("aten.flip", flip_rule)
+        dg = graphprune.analyze(Flipper(), example_inputs=(torch.randn(2, 3, 8),))
+        assert [g for g in dg.groups if g.size == 16]
+    finally:
+        op_rules.RULES.pop("aten.flip", None)
+
+
+def test_analysis_is_networkx():
+    import networkx as nx
+
+    _, _, dg = analysed("llama_gqa")
+    assert isinstance(dg.graph, nx.MultiGraph) and dg.graph.number_of_edges() > 0
+    cg = dg.coupling_graph()
+    # every group's leaf sits in one connected component of the coupling graph
+    comps = list(nx.connected_components(cg))
+    assert all(sum(g.axis in c for c in comps) == 1 for g in dg.groups)
