@@ -1,0 +1,122 @@
+"""The user-facing API: compile with no arguments, verify, errors, custom passes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import analysed
+
+import graphprune
+from graphprune.registry import PASSES
+
+
+def test_compile_any_hf_causal_lm_with_no_arguments():
+    model, _, _ = analysed("qwen2")
+    small = graphprune.compile(model, progress=False)  # ratio 0.5, magnitude, no input needed
+    out = small(input_ids=torch.randint(0, 64, (2, 5)), use_cache=False)
+    assert out.logits.shape == (2, 5, model.config.vocab_size)
+    assert small.num_parameters() == small.plan.params_after < small.plan.params_before
+    text = str(small.report)
+    assert "model.layers.0" in text and "channels" in text and "achieved" in text
+    assert abs(small.report.achieved_ratio - 0.5) < 0.1
+    check = graphprune.verify(small)
+    assert check.ok and check.max_rel < 1e-5, str(check)
+
+
+def test_verify_catches_a_wrong_rewrite():
+    model, _, _ = analysed("llama_gqa")
+    small = graphprune.compile(model, ratio=0.5, progress=False)
+    with torch.no_grad():  # corrupt one kept weight of the pruned graph
+        next(p for n, p in small.module.named_parameters() if "down_proj" in n)[0, 0] += 1.0
+    assert not graphprune.verify(small).ok
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # Python control flow on data: torch.export cannot trace this
+            return self.lin(x)
+        return x
+
+
+def test_untraceable_model_raises_trace_error():
+    with pytest.raises(graphprune.TraceError, match="could not trace DataDependent"):
+        graphprune.compile(DataDependent(), example_inputs=(torch.randn(2, 3, 4),), progress=False)
+
+
+def test_non_hf_model_without_inputs_says_what_to_pass():
+    with pytest.raises(graphprune.TraceError, match="example_inputs"):
+        graphprune.trace(nn.Linear(3, 3))
+    with pytest.raises(graphprune.TraceError, match="nn.Module"):
+        graphprune.trace("not a model")
+
+
+def test_plain_module_compiles_with_example_inputs():
+    model, traced, _ = analysed("tiny_mlp_lm")
+    small = graphprune.compile(model, ratio=0.5, example_inputs=(traced.example_kwargs["input_ids"],), progress=False)
+    assert graphprune.verify(small).ok
+    assert small.report.achieved_ratio > 0.3
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(graphprune.LoadError, match="not a saved graphprune model"):
+        graphprune.load(tmp_path)
+    model, _, _ = analysed("llama_gqa")
+    small = graphprune.compile(model, ratio=0.5, progress=False)
+    small.save(tmp_path / "m")
+    pt2 = tmp_path / "m" / "model.pt2"
+    pt2.write_bytes(pt2.read_bytes()[: pt2.stat().st_size // 2])  # truncate
+    with pytest.raises(graphprune.LoadError, match="corrupt or truncated"):
+        graphprune.load(tmp_path / "m")
+
+
+def test_custom_pass_is_written_like_a_builtin():
+    @graphprune.register_pass("reverse_index")
+    class ReverseIndex(graphprune.ScoringPass):
+        """Keeps the units with the highest index (a pass whose choice is easy to check)."""
+
+        @dataclass(frozen=True)
+        class Config:
+            offset: float = 0.0
+
+        def score(self, ctx):
+            return {g.name: torch.arange(g.size, dtype=torch.float32) + self.config.offset for g in ctx.groups}
+
+    try:
+        assert "reverse_index" in graphprune.available_passes()
+        model, _, _ = analysed("llama_mha")
+        small = graphprune.compile(model, ratio=0.5, method="reverse_index", offset=1.0, progress=False)
+        for g in small.plan.groups:
+            assert g.keep == list(range(g.size - len(g.keep), g.size))
+        with pytest.raises(graphprune.GraphpruneError, match="options are"):
+            graphprune.compile(model, method="reverse_index", bogus=1, progress=False)
+    finally:
+        PASSES.pop("reverse_index", None)
+
+
+def test_unknown_method_lists_available():
+    model, _, _ = analysed("llama_mha")
+    with pytest.raises(graphprune.GraphpruneError, match="available"):
+        graphprune.compile(model, method="nope", progress=False)
+
+
+def test_magnitude_ranks_planted_units():
+    """A channel whose weights are scaled to zero is removed first; a dominant one is kept."""
+    model, _, _ = analysed("llama_gqa")
+    import copy
+
+    planted = copy.deepcopy(model)
+    with torch.no_grad():
+        mlp = planted.model.layers[0].mlp
+        for lin in (mlp.gate_proj, mlp.up_proj):
+            lin.weight[3] = 0.0
+            lin.weight[5] *= 100
+        mlp.down_proj.weight[:, 3] = 0.0
+    small = graphprune.compile(planted, ratio=0.3, progress=False)
+    keep = next(g.keep for g in small.plan.groups if g.name == "model.layers.0.mlp:channels")
+    assert 3 not in keep and 5 in keep
