@@ -45,7 +45,7 @@ def hf_example_kwargs(model: torch.nn.Module, batch: int = 2, seq: int = 16) -> 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen).to(_device(model))
     kwargs = {"input_ids": ids}
-    if "use_cache" in inspect.signature(model.forward).parameters:
+    if _accepts_use_cache(model):
         kwargs["use_cache"] = False
     return kwargs
 
@@ -68,6 +68,12 @@ def _dynamic_shapes(model: torch.nn.Module, kwargs: dict) -> dict:
     return shapes
 
 
+def _accepts_use_cache(model: torch.nn.Module) -> bool:
+    # wrappers (peft's PeftModel) forward **kwargs to the model they wrap
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "use_cache" in inspect.signature(inner.forward).parameters
+
+
 def trace(
     model: torch.nn.Module,
     example_inputs: tuple | None = None,
@@ -83,12 +89,14 @@ def trace(
     """
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if hasattr(model, "get_base_model"):  # peft wrapper: trace the model holding the LoRA layers
+        model = model.get_base_model()
     kwargs = dict(example_kwargs or {})
     if example_inputs is not None:
         names = [p for p in inspect.signature(model.forward).parameters if p not in ("self",)]
         example_inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         kwargs.update(dict(zip(names, example_inputs)))
-    if kwargs and is_hf_model(model) and "use_cache" in inspect.signature(model.forward).parameters:
+    if kwargs and is_hf_model(model) and _accepts_use_cache(model):
         kwargs.setdefault("use_cache", False)  # no KV cache in the traced graph
     if not kwargs:
         if not is_hf_model(model):

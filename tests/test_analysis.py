@@ -113,3 +113,21 @@ def test_analysis_is_networkx():
     # every group's leaf sits in one connected component of the coupling graph
     comps = list(nx.connected_components(cg))
     assert all(sum(g.axis in c for c in comps) == 1 for g in dg.groups)
+
+
+def test_peft_lora_branches_are_coupled_to_their_base_layers():
+    import zoo
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(zoo.ALL["llama_gqa"](), LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    small = graphprune.compile(peft_model, ratio=0.5, example_kwargs=zoo.example_inputs("llama_gqa"), progress=False)
+    dg = small.dg
+    (heads,) = groups_of(dg, "heads")
+    assert {"model.layers.0.self_attn.q_proj.base_layer.weight", "model.layers.0.self_attn.q_proj.lora_B.default.weight"} <= {m.param for m in heads.members}
+    (mlp,) = groups_of(dg, "channels")
+    assert ("model.layers.0.mlp.down_proj.lora_A.default.weight", 1) in {(m.param, m.dim) for m in mlp.members}
+    assert len(groups_of(dg, "lora_rank")) == 2  # the adapters' ranks are their own, unpruned kind
+    assert all(g.kind != "lora_rank" for g in small.plan.groups)
+    assert graphprune.verify(small).ok
+    assert all(torch.equal(before[k], v) for k, v in peft_model.state_dict().items())

@@ -12,6 +12,7 @@ The kind of a group is read from the graph, not from model classes:
 * ``query_heads``: under GQA, the query heads inside each KV group (same index in every group);
 * ``head_dim``: the channels inside a head;
 * ``hidden``: the residual stream (reaches the token embedding, or more than one block);
+* ``lora_rank``: the rank of a peft LoRA adapter (lora_A rows / lora_B columns);
 * ``channels``: everything else (MLP intermediate channels, expert channels, ...).
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .axes import AxisTable
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 DEFAULT_KINDS = ("heads", "channels")
-ALL_KINDS = ("heads", "query_heads", "head_dim", "channels", "hidden")
+ALL_KINDS = ("heads", "query_heads", "head_dim", "channels", "hidden", "lora_rank")
 
 
 def block_of(param: str) -> str | None:
@@ -125,6 +126,8 @@ def _tag_index(table: AxisTable) -> dict[int, set[str]]:
 
 def _kind(leaf, members, tags) -> str:
     mine = tags.get(leaf, set())
+    if all(".lora_" in p for p, _ in members):  # the rank of a peft LoRA adapter, not a model width
+        return "lora_rank"
     if "embedding" in mine:
         return "hidden"
     for kind in ("head_dim", "heads", "query_heads"):
