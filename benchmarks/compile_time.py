@@ -12,7 +12,7 @@ For each case, the wall time (``time.perf_counter``) of every stage of the pipel
     rewrite  graphprune.rewrite(dg, leaf_keep)        the physically smaller GraphModule
 
 ``total`` is trace + analyze + score + plan + rewrite. Loading the model is timed and reported
-but not counted. The peak resident set size is ``getrusage(RUSAGE_SELF).ru_maxrss`` read at the
+but not counted. Each case runs ``--repeats`` times (default 3) and the medians are reported. The peak resident set size is ``getrusage(RUSAGE_SELF).ru_maxrss`` read at the
 end of the case; every case runs in a fresh ``python`` subprocess so cases do not inherit each
 other's memory (the peak includes the interpreter with torch and transformers imported, whose
 RSS is reported separately as ``rss_baseline``).

@@ -58,6 +58,7 @@ class Walk:
     frozen_by: list[Frozen] = field(default_factory=list)
     unsupported: dict[str, int] = field(default_factory=dict)
     _symbols: dict[str, int] = field(default_factory=dict)
+    _by_tensor: dict[int, str] = field(default_factory=dict)  # id(tensor) -> canonical name (ties)
 
     # ------------------------------------------------------------ shapes
     def size_hint(self, size) -> int:
@@ -126,11 +127,12 @@ class Walk:
         if not isinstance(value, torch.Tensor):
             return
         # Tied weights are one tensor reached by two names: they share their axes.
-        for name, axes in self.params.items():
-            if fetch_attr(self.gm, name) is value:
-                self.aliases[node.target] = name
-                self.axes[node] = axes
-                return
+        name = self._by_tensor.get(id(value))
+        if name is not None:
+            self.aliases[node.target] = name
+            self.axes[node] = self.params[name]
+            return
+        self._by_tensor[id(value)] = node.target
         self.aliases[node.target] = node.target
         axes = [self.table.new(s, f"{node.target}:{d}") for d, s in enumerate(value.shape)]
         self.params[node.target] = axes
