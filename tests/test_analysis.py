@@ -14,10 +14,6 @@ def groups_of(dg, kind, layer="layers.0."):
     return [g for g in dg.groups if g.kind == kind and any(layer in m.param for m in g.members)]
 
 
-def members(group):
-    return {(m.param.split(".", 1)[-1] if False else m.param, m.dim) for m in group}
-
-
 def test_llama_gqa_groups():
     model, _, dg = analysed("llama_gqa")
     cfg = model.config

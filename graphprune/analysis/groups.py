@@ -60,11 +60,6 @@ class Group:
     def blocks(self) -> list[str]:
         return sorted({b for m in self.members if (b := block_of(m.param))})
 
-    @property
-    def params_per_unit(self) -> int:
-        """Parameters removed with one unit, counted alone (other groups intact)."""
-        return sum(int((m.coords == 0).sum()) * m.numel_rest for m in self.members)
-
 
 def _common_prefix(names: list[str]) -> str:
     parts = [n.split(".")[:-1] for n in names]
