@@ -22,7 +22,7 @@ from .masking import MaskedModel, insert_masks
 from .plan import PruningPlan, keep_all_plan, make_plan
 from .registry import ScoringPass, available_passes, register_pass
 from .rewrite import rewrite
-from .scoring import ScoringContext, score
+from .scoring import Scores, ScoringContext, score
 from .trace import Traced, trace
 
 __version__ = "0.1.0"
@@ -31,6 +31,6 @@ __all__ = [
     "compile", "load", "verify", "trace", "analyze", "score", "make_plan", "keep_all_plan", "rewrite",
     "insert_masks", "register_pass", "register_op_rule", "available_passes",
     "CompiledModel", "Report", "Verification", "DependencyGraph", "Group", "OpRule", "PruningPlan",
-    "MaskedModel", "ScoringPass", "ScoringContext", "Traced", "DEFAULT_KINDS", "ALL_KINDS",
+    "MaskedModel", "ScoringPass", "ScoringContext", "Scores", "Traced", "DEFAULT_KINDS", "ALL_KINDS",
     "GraphpruneError", "TraceError", "UnsupportedOpError", "PlanError", "RewriteError", "ExportError", "LoadError",
 ]

@@ -100,6 +100,7 @@ class CompiledModel:
     example_kwargs: dict | None = None
     dynamic_shapes: dict | None = None
     config: dict | None = None
+    weights: dict | None = None  # dense weights a pass changed before pruning (merged LoRA/HSM), for verify
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -252,7 +253,8 @@ def compile(
                                  model_class=traced.model_class)
             leaf_keep = plan.leaf_keep(dg)
         with _stage(seconds, "rewrite", bar):
-            module = rewrite(dg, leaf_keep)
+            weights = getattr(scores, "weights", None) or {}
+            module = rewrite(dg, leaf_keep, weights=weights)
     finally:
         bar.close()
     report = Report(
@@ -262,7 +264,8 @@ def compile(
         frozen=dg.frozen_report(), unsupported_ops=dict(dg.walk.unsupported),
     )
     return CompiledModel(module=module, plan=plan, report=report, traced=traced, dg=dg,
-                         example_kwargs=traced.example_kwargs, dynamic_shapes=traced.dynamic_shapes, config=traced.config)
+                         example_kwargs=traced.example_kwargs, dynamic_shapes=traced.dynamic_shapes, config=traced.config,
+                         weights=weights)
 
 
 # ================================================================ verify
@@ -313,7 +316,7 @@ def verify(compiled: CompiledModel, trials: int = 3, seed: int = 0, tolerance: f
     if compiled.dg is None:
         raise GraphpruneError("verify needs the dense model's analysis: call it on the result of compile(), not load()")
     groups = [compiled.dg.group(g.name) for g in compiled.plan.groups]
-    masked = insert_masks(compiled.dg, groups)
+    masked = insert_masks(compiled.dg, groups, weights=compiled.weights)
     masked.set_keep({g.name: g.keep for g in compiled.plan.groups})
     gen = torch.Generator().manual_seed(seed)
     vocab = (compiled.config or {}).get("vocab_size")

@@ -46,10 +46,16 @@ class MaskedModel:
         return self.module(*args, **kwargs)
 
 
-def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None) -> MaskedModel:
-    """Copy ``dg.gm`` and multiply every value carrying one of ``groups`` by that group's mask."""
+def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None, weights: dict[str, torch.Tensor] | None = None) -> MaskedModel:
+    """Copy ``dg.gm`` and multiply every value carrying one of ``groups`` by that group's mask.
+
+    ``weights`` replaces parameters of the copy first (as in :func:`graphprune.rewrite`).
+    """
+    from .rewrite import set_weights
+
     groups = dg.groups if groups is None else groups
     gm = copy.deepcopy(dg.gm)
+    set_weights(gm, dg, weights)
     graph, table = gm.graph, dg.table
     leaves = {table.find(g.axis): g for g in groups}
     buffers: dict[str, str] = {}

@@ -114,9 +114,23 @@ def slice_tensors(gm: fx.GraphModule, ctx: AxisMasks) -> None:
             _set_tensor(gm, target, new)
 
 
-def rewrite(dg: DependencyGraph, leaf_keep: dict[int, torch.Tensor]) -> fx.GraphModule:
-    """A physically smaller copy of ``dg.gm`` keeping, for each group leaf, the masked units."""
+def set_weights(gm: fx.GraphModule, dg: DependencyGraph, weights: dict[str, torch.Tensor] | None) -> None:
+    """Give the parameters of ``gm`` (a copy of ``dg.gm``) new values; tied names get the same one."""
+    for name, value in (weights or {}).items():
+        old = fetch_attr(gm, name)
+        new = torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else value
+        for target in [t for t, c in dg.walk.aliases.items() if c == name] or [name]:
+            _set_tensor(gm, target, new)
+
+
+def rewrite(dg: DependencyGraph, leaf_keep: dict[int, torch.Tensor], weights: dict[str, torch.Tensor] | None = None) -> fx.GraphModule:
+    """A physically smaller copy of ``dg.gm`` keeping, for each group leaf, the masked units.
+
+    ``weights`` (parameter name -> tensor of the same shape) replaces weights before slicing: how
+    passes that also train (LoRAPrune's merged LoRA, PAT's merged HSMs) hand over their result.
+    """
     gm = copy.deepcopy(dg.gm)
+    set_weights(gm, dg, weights)
     ctx = RewriteContext(dg, leaf_keep, gm)
     slice_tensors(gm, ctx)
     for node in list(gm.graph.nodes):

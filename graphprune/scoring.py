@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,13 +21,25 @@ class ScoringContext:
     groups: list[Group]
     calib: object = None
     progress: bool = False
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # new values set by the pass
+
 
     @property
     def module(self):
         return self.dg.gm
 
     def param(self, name: str) -> torch.Tensor:
-        return fetch_attr(self.dg.gm, name)
+        """A weight as the pass sees it: its updated value when the pass has set one."""
+        return self.weights[name] if name in self.weights else fetch_attr(self.dg.gm, name)
+
+    def update_weight(self, name: str, value: torch.Tensor) -> None:
+        """Give parameter ``name`` a new value (e.g. merged LoRA); the rewrite starts from it."""
+        if name not in self.dg.params:
+            raise GraphpruneError(f"update_weight: {name!r} is not a parameter of the traced graph")
+        old = fetch_attr(self.dg.gm, name)
+        if tuple(value.shape) != tuple(old.shape):
+            raise GraphpruneError(f"update_weight: {name!r} has shape {tuple(old.shape)}, not {tuple(value.shape)}")
+        self.weights[name] = value.detach().to(dtype=old.dtype, device=old.device)
 
     def unit_reduce(self, group: Group, per_param: Callable[[torch.Tensor, int], torch.Tensor], tensors=None) -> torch.Tensor:
         """Sum ``per_param(tensor, dim)`` (an element-wise map) over every unit of ``group``.
@@ -48,6 +60,14 @@ class ScoringContext:
         return total.float()
 
 
+class Scores(dict):
+    """``{group name: 1-D importance per unit}``; ``weights`` holds weights the pass changed."""
+
+    def __init__(self, scores=(), weights=None):
+        super().__init__(scores)
+        self.weights: dict[str, torch.Tensor] = dict(weights or {})
+
+
 def score(
     dg: DependencyGraph,
     method: str | ScoringPass = "magnitude",
@@ -57,8 +77,8 @@ def score(
     calib=None,
     progress: bool = False,
     **config,
-) -> dict[str, torch.Tensor]:
-    """Importance of every unit of every selected group: ``{group name: 1-D tensor}``."""
+) -> Scores:
+    """Importance of every unit of every selected group: ``{group name: 1-D tensor}`` (a :class:`Scores`)."""
     scorer = method if isinstance(method, ScoringPass) else get_pass(method)(**config)
     if scorer.needs_calibration and calib is None:
         raise GraphpruneError(f"method {scorer.name!r} needs calibration data: pass calib=...")
@@ -68,4 +88,4 @@ def score(
         s = scores.get(g.name)
         if s is None or tuple(s.shape) != (g.size,):
             raise GraphpruneError(f"pass {scorer.name!r} returned no or wrongly shaped scores for {g.name!r}")
-    return scores
+    return Scores(scores, ctx.weights)

@@ -1,0 +1,187 @@
+"""Local text corpora and calibration sets (nothing is downloaded).
+
+Corpora live in the shared data folder (``GRAPHPRUNE_DATA``, else ``../shared/data`` beside the
+repository): WikiText-2, PTB and a TinyStories excerpt. ``calibration`` turns any of the accepted
+forms (corpus name, path, ``datasets.Dataset``, list of strings, token tensor) into a fixed
+``Calibration`` set of ``n_samples`` random windows of ``seq_len`` tokens, reproducible by seed.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import GraphpruneError
+
+# name -> split -> file inside the data folder
+CORPORA = {
+    "wikitext2": {"test": "wikitext2/wiki.test.raw", "valid": "wikitext2/valid.txt", "train": "wikitext2/train.txt.gz"},
+    "ptb": {"valid": "ptb/valid.txt", "test": "ptb/test.txt"},
+    "tinystories": {"valid": "tinystories/valid_head.txt.gz"},
+}
+# the split used to calibrate: never the one perplexity is reported on
+CALIBRATION_SPLIT = {"wikitext2": "train", "ptb": "valid", "tinystories": "valid"}
+
+
+def data_dir() -> Path:
+    """The shared data folder: ``$GRAPHPRUNE_DATA``, else ``../shared/data`` beside the repository or cwd."""
+    env = os.environ.get("GRAPHPRUNE_DATA")
+    candidates = [Path(env)] if env else []
+    repo = Path(__file__).resolve().parent.parent
+    candidates += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    raise GraphpruneError(
+        "the shared data folder was not found: set GRAPHPRUNE_DATA to it (looked in "
+        + ", ".join(str(c) for c in candidates) + ")"
+    )
+
+
+def read_text(path: str | os.PathLike) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise GraphpruneError(f"no such text file: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        raise GraphpruneError(f"could not read {path}: {exc}") from exc
+
+
+def corpus_text(name: str, split: str = "test") -> str:
+    """The text of a bundled corpus split, or of a ``.txt``/``.txt.gz`` file when ``name`` is a path."""
+    if name in CORPORA:
+        splits = CORPORA[name]
+        if split not in splits:
+            raise GraphpruneError(f"corpus {name!r} has splits {sorted(splits)}, not {split!r}")
+        return read_text(data_dir() / splits[split])
+    if Path(name).is_file():
+        return read_text(name)
+    raise GraphpruneError(f"unknown corpus {name!r}: use one of {sorted(CORPORA)} or a path to a text file")
+
+
+def load_tokenizer(model_or_path):
+    """The tokenizer of a local Hugging Face folder, a GGUF file, or a model loaded from one."""
+    from transformers import AutoTokenizer
+
+    path = model_or_path
+    gguf = None
+    if isinstance(model_or_path, torch.nn.Module):
+        path = getattr(getattr(model_or_path, "config", None), "name_or_path", None) or getattr(model_or_path, "name_or_path", None)
+        if not path:
+            raise GraphpruneError("the model does not say where it was loaded from: pass tokenizer=...")
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        path, gguf = path.parent, path.name
+    elif path.is_dir() and not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        gguf = ggufs[0].name if ggufs else None
+    if not path.exists():
+        raise GraphpruneError(f"no local tokenizer at {path}: pass tokenizer=... (nothing is downloaded)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise GraphpruneError(f"could not load a tokenizer from {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def tokenize(text: str, tokenizer) -> torch.Tensor:
+    """Token ids of ``text`` as one 1-D LongTensor (no special tokens added)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "longer than the model's maximum length" is expected here
+    try:
+        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    finally:
+        hf_logging.set_verbosity(level)
+    return torch.as_tensor(ids, dtype=torch.long)
+
+
+@dataclass
+class Calibration:
+    """A fixed calibration set: ``input_ids`` of shape [n_samples, seq_len]."""
+
+    input_ids: torch.Tensor
+
+    def __post_init__(self):
+        if self.input_ids.dim() != 2 or self.input_ids.dtype != torch.long or self.input_ids.numel() == 0:
+            raise GraphpruneError(f"calibration ids must be a non-empty LongTensor [n_samples, seq_len], got {tuple(self.input_ids.shape)} {self.input_ids.dtype}")
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def batches(self, batch_size: int = 1) -> Iterator[torch.Tensor]:
+        for i in range(0, len(self), batch_size):
+            yield self.input_ids[i : i + batch_size]
+
+
+def _windows(stream: torch.Tensor, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    if stream.numel() < seq_len + 1:
+        raise GraphpruneError(f"calibration text has {stream.numel()} tokens, fewer than seq_len={seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seq_len, (n_samples,), generator=gen)
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+
+
+def calibration(calib, tokenizer=None, n_samples: int = 16, seq_len: int = 128, seed: int = 0) -> Calibration:
+    """A :class:`Calibration` set from a corpus name, path, Dataset, list of strings or token tensor."""
+    if isinstance(calib, Calibration):
+        return calib
+    if isinstance(calib, torch.Tensor):
+        ids = calib.long()
+        if ids.dim() == 1:
+            return Calibration(_windows(ids, n_samples, seq_len, seed))
+        return Calibration(ids)
+    if isinstance(calib, str):
+        text = corpus_text(calib, CALIBRATION_SPLIT[calib]) if calib in CORPORA else corpus_text(calib)
+    elif isinstance(calib, (list, tuple)) and all(isinstance(s, str) for s in calib):
+        text = "\n\n".join(calib)
+    elif hasattr(calib, "column_names"):  # a datasets.Dataset
+        if "text" not in calib.column_names:
+            raise GraphpruneError(f"the calibration Dataset needs a 'text' column; it has {calib.column_names}")
+        text = "\n\n".join(t for t in calib["text"] if t)
+    else:
+        raise GraphpruneError(
+            f"calib must be a corpus name {sorted(CORPORA)}, a text file path, a datasets.Dataset, a list of "
+            f"strings or a LongTensor of token ids; got {type(calib).__name__}"
+        )
+    if tokenizer is None:
+        raise GraphpruneError("text calibration data needs a tokenizer: pass tokenizer=... (or token ids)")
+    if not text.strip():
+        raise GraphpruneError("the calibration text is empty")
+    budget = 64 * n_samples * seq_len  # characters: plenty of tokens, without tokenizing a whole corpus
+    if len(text) > 2 * budget:
+        start = int(torch.randint(0, len(text) - budget, (1,), generator=torch.Generator().manual_seed(seed)))
+        text = text[start : start + budget]
+    return Calibration(_windows(tokenize(text, tokenizer), n_samples, seq_len, seed))
+
+
+def model_inputs(example_kwargs: dict, input_ids: torch.Tensor) -> dict:
+    """Keyword inputs for a traced graph at ``input_ids``' shape (masks all ones, flags kept)."""
+    out = {}
+    for name, value in example_kwargs.items():
+        if name == "input_ids":
+            out[name] = input_ids.to(value.device)
+        elif name == "position_ids":
+            out[name] = torch.arange(input_ids.shape[1], device=value.device).expand(input_ids.shape[0], -1)
+        elif isinstance(value, torch.Tensor):
+            shape = list(value.shape)
+            shape[0] = input_ids.shape[0]
+            if len(shape) > 1:
+                shape[1] = input_ids.shape[1]
+            out[name] = torch.ones(shape, dtype=value.dtype, device=value.device)
+        else:
+            out[name] = value
+    if "input_ids" not in out:
+        raise GraphpruneError(f"the traced graph takes no input_ids (inputs: {list(example_kwargs)})")
+    return out
