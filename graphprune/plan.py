@@ -170,6 +170,35 @@ def _keep_counts(groups, scores, p, allocation, round_to, min_keep) -> dict[str,
     return counts
 
 
+COARSE_UNITS = 16  # a group this small moves the ratio in big steps (e.g. 3 KV heads: 33% each)
+
+
+def _refine_fine_kinds(groups, counts, achieved, ratio, round_to, min_keep) -> dict[str, int]:
+    """Uniform allocation: hold the coarse kinds where they landed, re-solve the fine ones exactly.
+
+    One shared fraction cannot hit the target when some groups have only a few units; the kinds
+    with many units (MLP channels) then take up the difference, still uniformly across layers.
+    """
+    fine = {g.kind for g in groups if g.size > COARSE_UNITS}
+    if not fine or fine == {g.kind for g in groups}:
+        return counts
+
+    def with_fine(q):
+        out = dict(counts)
+        for g in groups:
+            if g.kind in fine:
+                r = round_to if g.kind in ROUNDED_KINDS else 1
+                out[g.name] = _round_keep(g.size * (1 - q), g.size, r, min_keep)
+        return out
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if achieved(with_fine(mid)) < ratio else (lo, mid)
+    best = min((with_fine(lo), with_fine(hi)), key=lambda c: abs(achieved(c) - ratio))
+    return best if abs(achieved(best) - ratio) < abs(achieved(counts) - ratio) else counts
+
+
 def make_plan(
     dg: DependencyGraph,
     scores: dict[str, torch.Tensor],
@@ -216,6 +245,8 @@ def make_plan(
         c_lo = _keep_counts(groups, scores, lo, allocation, round_to, min_keep)
         c_hi = _keep_counts(groups, scores, hi, allocation, round_to, min_keep)
         counts = min((c_lo, c_hi), key=lambda c: abs(achieved(c) - ratio))
+        if allocation == "uniform":
+            counts = _refine_fine_kinds(groups, counts, achieved, ratio, round_to, min_keep)
     plan_groups = []
     for g in groups:
         order = torch.argsort(scores[g.name].float(), descending=True, stable=True)

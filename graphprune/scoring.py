@@ -82,6 +82,11 @@ def score(
     scorer = method if isinstance(method, ScoringPass) else get_pass(method)(**config)
     if scorer.needs_calibration and calib is None:
         raise GraphpruneError(f"method {scorer.name!r} needs calibration data: pass calib=...")
+    if any(p.is_meta for p in dg.gm.parameters()):
+        raise GraphpruneError(
+            "the model's weights are on the meta device, so nothing can be scored: load real weights, "
+            "or pass a saved plan (compile(model, plan=...)) to prune structure only"
+        )
     ctx = ScoringContext(dg, select_groups(dg.groups, kinds, ignore), calib, progress)
     scores = scorer.score(ctx)
     for g in ctx.groups:

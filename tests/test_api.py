@@ -120,3 +120,16 @@ def test_magnitude_ranks_planted_units():
     small = graphprune.compile(planted, ratio=0.3, progress=False)
     keep = next(g.keep for g in small.plan.groups if g.name == "model.layers.0.mlp:channels")
     assert 3 not in keep and 5 in keep
+
+
+def test_meta_weights_cannot_be_scored_but_a_plan_prunes_them():
+    import zoo
+
+    real, _, _ = analysed("llama_gqa")
+    plan = graphprune.compile(real, ratio=0.5, progress=False).plan
+    with torch.device("meta"):
+        meta = zoo.ALL["llama_gqa"]()
+    with pytest.raises(graphprune.GraphpruneError, match="meta device"):
+        graphprune.compile(meta, ratio=0.5, progress=False)
+    small = graphprune.compile(meta, plan=plan, progress=False)
+    assert small.num_parameters() == plan.params_after

@@ -9,7 +9,7 @@ import transformers
 from conftest import analysed
 
 import graphprune
-from graphprune.plan import PruningPlan
+from graphprune.plan import PruningPlan, make_plan
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,14 @@ def test_corrupt_and_newer_plan_files(tmp_path, medium):
         PruningPlan.load(tmp_path / "b.json")
     with pytest.raises(graphprune.LoadError, match="no plan"):
         PruningPlan.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_uniform_allocation_hits_the_target_with_few_kv_heads(ratio):
+    # 2 KV heads per layer: heads alone move the ratio in 50% steps; channels must take up the rest
+    _, _, dg = analysed("llama_gqa")
+    assert min(g.size for g in dg.groups if g.kind == "heads") <= 2
+    plan = make_plan(dg, graphprune.score(dg, "magnitude"), ratio)
+    assert abs(plan.achieved_ratio - ratio) < 0.005
+    widths = {len(g.keep) for g in plan.groups if g.kind == "channels"}
+    assert len(widths) == 1  # still uniform across layers

@@ -57,7 +57,10 @@ class Walk:
     aliases: dict[str, str] = field(default_factory=dict)  # attribute target -> canonical name
     frozen_by: list[Frozen] = field(default_factory=list)
     unsupported: dict[str, int] = field(default_factory=dict)
+    # names of input/output nodes whose static axes stay prunable (KV-cache tensors); others are frozen
+    open_nodes: frozenset[str] = frozenset()
     _symbols: dict[str, int] = field(default_factory=dict)
+    _hints: dict = field(default_factory=dict)  # sympy expression -> its integer stand-in
     _by_tensor: dict[int, str] = field(default_factory=dict)  # id(tensor) -> canonical name (ties)
 
     # ------------------------------------------------------------ shapes
@@ -65,12 +68,15 @@ class Walk:
         if isinstance(size, int):
             return size
         expr = size.node.expr
-        subs = {}
-        for sym in expr.free_symbols:
-            if str(sym) not in self._symbols:
-                self._symbols[str(sym)] = _PRIMES[len(self._symbols) % len(_PRIMES)] + 1000 * (len(self._symbols) // len(_PRIMES))
-            subs[sym] = self._symbols[str(sym)]
-        return int(expr.subs(subs))
+        hint = self._hints.get(expr)
+        if hint is None:  # sympy substitution is slow and the same few expressions recur on every layer
+            subs = {}
+            for sym in expr.free_symbols:
+                if str(sym) not in self._symbols:
+                    self._symbols[str(sym)] = _PRIMES[len(self._symbols) % len(_PRIMES)] + 1000 * (len(self._symbols) // len(_PRIMES))
+                subs[sym] = self._symbols[str(sym)]
+            hint = self._hints[expr] = int(expr.subs(subs))
+        return hint
 
     def shape(self, node: fx.Node) -> list[int]:
         return [self.size_hint(s) for s in tensor_meta(node).shape]
@@ -111,11 +117,14 @@ class Walk:
             if node.op == "placeholder":
                 if is_tensor_node(node):
                     self.axes[node] = self.fresh(node)
-                    self.freeze(self.axes[node], node, "model input")
+                    if node.name not in self.open_nodes:
+                        self.freeze(self.axes[node], node, "model input")
             elif node.op == "get_attr":
                 self._attr(node)
             elif node.op == "output":
                 for leaf in _flatten(node.args):
+                    if leaf.name in self.open_nodes:
+                        continue
                     if leaf in self.axes and isinstance(self.axes[leaf][0] if self.axes[leaf] else 0, int):
                         self.freeze(self.axes[leaf], node, "model output")
             elif node.op == "call_function":
