@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -22,9 +22,12 @@ from tqdm.auto import tqdm
 from .analysis import DEFAULT_KINDS, DependencyGraph, analyze
 from .analysis.groups import block_of
 from .errors import ExportError, GraphpruneError, LoadError
+from .flops import count_flops, flops_tokens
 from .masking import insert_masks
 from .plan import PruningPlan, atomic_write_text, check_ratio, make_plan
 from .rewrite import rewrite
+from .data import load_tokenizer
+from .registry import get_pass
 from .scoring import score
 from .trace import Traced, trace
 
@@ -47,6 +50,10 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     frozen: list[tuple[str, str]] = field(default_factory=list)
     unsupported_ops: dict[str, int] = field(default_factory=dict)
+    flops_before: int | None = None  # matmul FLOPs of one forward pass over flops_tokens tokens
+    flops_after: int | None = None
+    flops_tokens: int = 0
+    scoring: dict = field(default_factory=dict)  # what the scoring pass reported (Scores.info)
 
     @property
     def achieved_ratio(self) -> float:
@@ -77,6 +84,9 @@ class Report:
             f"  block params    {self.block_params_before:>14,} -> {self.block_params_after:>14,} (achieved {self.achieved_ratio:.1%})",
             "  time            " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()),
         ]
+        if self.flops_before and self.flops_after:
+            lines.insert(3, f"  FLOPs/forward   {self.flops_before:>14,} -> {self.flops_after:>14,} ({1 - self.flops_after / self.flops_before:.1%} fewer; "
+                            f"{self.flops_tokens} tokens)")
         if self.unsupported_ops:
             lines.append("  ops without a rule (channels frozen): " + ", ".join(f"{k} x{v}" for k, v in self.unsupported_ops.items()))
         return "\n".join(lines) + "\n" + self.table()
@@ -84,7 +94,22 @@ class Report:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["achieved_ratio"] = self.achieved_ratio
+        d["per_layer"] = [{k: list(v) if isinstance(v, tuple) else v for k, v in row.items()} for row in self.per_layer()]
         return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}  # derived keys (achieved_ratio, per_layer) dropped
+        data["groups"] = [tuple(g) for g in data.get("groups", [])]
+        data["frozen"] = [tuple(f) for f in data.get("frozen", [])]
+        return cls(**data)
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """Save a PNG of the kept width of every layer (needs matplotlib)."""
+        from .report_plot import plot_widths
+
+        return plot_widths(self, path)
 
 
 # ================================================================ compiled model
@@ -101,6 +126,18 @@ class CompiledModel:
     dynamic_shapes: dict | None = None
     config: dict | None = None
     weights: dict | None = None  # dense weights a pass changed before pruning (merged LoRA/HSM), for verify
+    source: torch.nn.Module | None = None  # the caller's (unchanged) model, for module-level copies
+    path: Path | None = None  # the directory it was loaded from
+
+    def to_hf(self, check: bool = True) -> torch.nn.Module:
+        """The pruned model as a ``transformers`` model (real ``nn.Linear`` layers, for peft/Trainer).
+
+        After ``compile`` it is a sliced copy of the original model, checked equal to the pruned
+        graph; after ``load`` it is read from the saved checkpoint (per-layer widths restored).
+        """
+        from . import io
+
+        return io.to_hf(self, check=check)
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -115,8 +152,29 @@ class CompiledModel:
         except Exception as exc:
             raise ExportError(f"could not export the pruned graph: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``model.pt2``, ``plan.json``, ``report.json`` and a manifest; atomically (temp dir + rename)."""
+    def export_onnx(self, path: str | os.PathLike, *, cache: bool = False, model: torch.nn.Module | None = None, **options) -> Path:
+        """Write the pruned model to ONNX; ``cache=True`` writes the KV-cache variant for ``graphprune.generate``.
+
+        The cached variant re-traces the dense ``model`` (default: the one given to ``compile``).
+        ``options``: ``dtype``, ``external_data``, ``check``, ``progress`` (see ``graphprune.export_onnx``).
+        """
+        if cache:
+            from .kvcache import export_onnx_with_cache
+
+            return export_onnx_with_cache(self, path, model, **options)
+        from .export import export_onnx
+
+        return export_onnx(self, path, **options)
+
+    def save(self, directory: str | os.PathLike, *, hf: bool | str = "auto", tokenizer=None, plot: bool = True) -> Path:
+        """Write ``model.pt2``, ``plan.json``, ``report.json`` and a manifest; atomically (temp dir + rename).
+
+        Also, for a Hugging Face model, a ``transformers`` checkpoint in the same folder
+        (``hf="auto"``: when the plan applies at module level; ``True``: fail if it cannot;
+        ``False``: never), the tokenizer (given, or found where the model was loaded from) and
+        ``widths.png`` (``plot``), a plot of the kept width per layer.
+        """
+        from . import io
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         program = self.export_program()
@@ -134,6 +192,11 @@ class CompiledModel:
                 "example_kwargs": {k: _describe(v) for k, v in (self.example_kwargs or {}).items()},
                 "num_parameters": self.num_parameters(),
             }
+            manifest.update(io.write_companions(self, tmp, hf=hf, tokenizer=tokenizer, plot=plot))
+            manifest["fingerprint"] = self.plan.fingerprint
+            manifest["plan_digest"] = io.plan_digest(self.plan)
+            manifest["pytree_modules"] = io.pytree_modules(program)
+            manifest["files"] = io.file_sizes(tmp)
             atomic_write_text(tmp / "graphprune.json", json.dumps(manifest, indent=1, default=str))
             if directory.exists():
                 old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
@@ -179,7 +242,12 @@ def load(directory: str | os.PathLike) -> CompiledModel:
         raise LoadError(f"{manifest_path} is not a graphprune model manifest")
     if manifest.get("version", 0) > SAVE_VERSION:
         raise LoadError(f"saved with a newer format version ({manifest['version']} > {SAVE_VERSION}); upgrade graphprune")
+    from . import io
+
+    io.check_saved_files(directory, manifest)
+    io.import_pytree_modules(manifest)
     plan = PruningPlan.load(directory / "plan.json")
+    io.check_plan(directory, manifest, plan)
     try:
         program = torch.export.load(directory / "model.pt2")
     except FileNotFoundError as exc:
@@ -188,15 +256,17 @@ def load(directory: str | os.PathLike) -> CompiledModel:
         raise LoadError(f"corrupt or truncated {directory / 'model.pt2'}: {type(exc).__name__}: {str(exc)[:200]}") from exc
     report = None
     if (directory / "report.json").exists():
-        data = json.loads((directory / "report.json").read_text())
-        data.pop("achieved_ratio", None)
-        data["groups"] = [tuple(g) for g in data["groups"]]
-        data["frozen"] = [tuple(f) for f in data["frozen"]]
-        report = Report(**data)
-    return CompiledModel(
+        try:
+            report = Report.from_dict(json.loads((directory / "report.json").read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+            raise LoadError(f"corrupt {directory / 'report.json'}: {exc}") from exc
+    compiled = CompiledModel(
         module=program.module(), plan=plan, report=report,
         example_kwargs=_example_from_manifest(manifest.get("example_kwargs", {})), config=manifest.get("config"),
+        path=directory,
     )
+    io.after_load(compiled, directory, manifest)
+    return compiled
 
 
 # ================================================================ compile
@@ -216,11 +286,15 @@ def compile(
     ratio: float = 0.5,
     method: str = "magnitude",
     *,
-    kinds=DEFAULT_KINDS,
-    allocation: str = "uniform",
+    kinds=None,
+    allocation: str | None = None,
     round_to: int = 1,
     ignore=(),
     calib=None,
+    tokenizer=None,
+    n_samples: int = 16,
+    seq_len: int = 128,
+    seed: int = 0,
     plan: PruningPlan | None = None,
     example_inputs=None,
     example_kwargs: dict | None = None,
@@ -231,12 +305,24 @@ def compile(
     """Prune ``model`` by ``ratio`` of its transformer-block parameters and return a smaller graph.
 
     ``kinds`` picks what may be removed (``"heads"`` — KV groups under GQA — and ``"channels"`` by
-    default; also ``"query_heads"``, ``"head_dim"``, ``"hidden"``). ``allocation`` is ``"uniform"``
-    (same fraction per layer) or ``"global"``; ``round_to`` keeps channel widths at multiples;
+    default, or the method's ``default_kinds``, e.g. ``("hidden",)`` for PAT; also ``"query_heads"``,
+    ``"head_dim"``, ``"hidden"``). ``allocation`` is ``"uniform"``
+    (same fraction per layer) or ``"global"`` (default: the method's preference, e.g. global for
+    HyWIA, else uniform); ``round_to`` keeps channel widths at multiples;
     ``ignore`` protects modules by name pattern; ``plan`` replays a saved plan instead of scoring.
-    The caller's model is never modified.
+    Data-driven methods take ``calib`` (a corpus name such as ``"wikitext2"``, a text file, a
+    ``datasets.Dataset``, a list of strings, or token ids) as ``n_samples`` windows of ``seq_len``
+    tokens drawn with ``seed``; text is tokenized with ``tokenizer`` (default: the model's own,
+    from the local folder it was loaded from). The caller's model is never modified.
     """
     ratio = check_ratio(ratio)
+    scorer_cls = type(method) if not isinstance(method, str) else (get_pass(method) if plan is None else None)
+    if allocation is None:
+        allocation = getattr(scorer_cls, "default_allocation", "uniform")
+    if kinds is None:  # the method's own (PAT prunes the hidden size), else heads and channels
+        kinds = getattr(scorer_cls, "default_kinds", DEFAULT_KINDS)
+    if tokenizer is None and calib is not None and not isinstance(calib, torch.Tensor) and not hasattr(calib, "input_ids"):
+        tokenizer = load_tokenizer(model)  # text calibration data: the model's own tokenizer
     seconds: dict[str, float] = {}
     bar = tqdm(total=5, disable=not progress, leave=False)
     try:
@@ -245,7 +331,10 @@ def compile(
         with _stage(seconds, "analyze", bar):
             dg = analyze(traced, strict=strict)
         with _stage(seconds, "score", bar):
-            scores = None if plan is not None else score(dg, method, kinds=kinds, ignore=ignore, calib=calib, **method_config)
+            scores = None if plan is not None else score(
+                dg, method, kinds=kinds, ignore=ignore, calib=calib, progress=progress, tokenizer=tokenizer,
+                n_samples=n_samples, seq_len=seq_len, seed=seed, example_kwargs=traced.example_kwargs,
+                ratio=ratio, allocation=allocation, round_to=round_to, **method_config)
         with _stage(seconds, "plan", bar):
             if plan is None:
                 plan = make_plan(dg, scores, ratio, kinds=kinds, allocation=allocation, round_to=round_to,
@@ -262,10 +351,14 @@ def compile(
         block_params_before=plan.block_params_before, block_params_after=plan.block_params_after,
         groups=[(g.name, g.kind, len(g.keep), g.size) for g in plan.groups], seconds=seconds,
         frozen=dg.frozen_report(), unsupported_ops=dict(dg.walk.unsupported),
+        scoring=dict(getattr(scores, "info", None) or {}),
     )
+    report.flops_tokens = flops_tokens(traced.config)
+    report.flops_before = count_flops(traced.module, traced.example_kwargs, report.flops_tokens)
+    report.flops_after = count_flops(module, traced.example_kwargs, report.flops_tokens)
     return CompiledModel(module=module, plan=plan, report=report, traced=traced, dg=dg,
                          example_kwargs=traced.example_kwargs, dynamic_shapes=traced.dynamic_shapes, config=traced.config,
-                         weights=weights)
+                         weights=weights, source=model)
 
 
 # ================================================================ verify

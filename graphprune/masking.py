@@ -57,17 +57,29 @@ def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None, weights
     gm = copy.deepcopy(dg.gm)
     set_weights(gm, dg, weights)
     graph, table = gm.graph, dg.table
-    leaves = {table.find(g.axis): g for g in groups}
     buffers: dict[str, str] = {}
     first = next(iter(graph.nodes))  # mask-building nodes go before everything else
-    padded: dict[int, fx.Node] = {}  # leaf -> get_attr of its mask with a trailing 1 (for "not here")
+    unit_masks: dict[int, fx.Node] = {}  # leaf -> its mask over units
     for i, g in enumerate(groups):
         name = f"_graphprune_mask_{i}"
         gm.register_buffer(name, torch.ones(g.size, device=_device(gm)))
         buffers[g.name] = name
         with graph.inserting_before(first):
+            if g.units is None:
+                leaf = table.find(g.axis)
+                unit_masks[leaf] = _mul_first(graph, first, unit_masks[leaf], graph.get_attr(name)) if leaf in unit_masks else graph.get_attr(name)
+                continue
+            for u, parts in enumerate(g.units):  # a block's unit scales every unit of its leaves
+                factor = graph.call_function(aten.select.int, (graph.get_attr(name), 0, u))
+                for leaf in (table.find(p) for p in parts):
+                    spread = graph.call_function(aten.expand.default, (graph.call_function(aten.view.default, (factor, [1])), [table.size[leaf]]))
+                    unit_masks[leaf] = _mul_first(graph, first, unit_masks[leaf], spread) if leaf in unit_masks else spread
+    leaves = set(unit_masks)
+    padded: dict[int, fx.Node] = {}  # leaf -> its mask with a trailing 1 (for "not here")
+    for leaf, m in unit_masks.items():
+        with graph.inserting_before(first):
             ones = graph.call_function(aten.ones.default, ([1],), {"device": _device(gm)})
-            padded[table.find(g.axis)] = graph.call_function(aten.cat.default, ([graph.get_attr(name), ones],))
+            padded[leaf] = graph.call_function(aten.cat.default, ([m, ones],))
     axis_mask_cache: dict[int, fx.Node] = {}
     n_const = 0
 
@@ -83,7 +95,7 @@ def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None, weights
         node = None
         for leaf in mine:
             coords = table.coordinate(root, leaf)
-            coords = torch.where(coords < 0, torch.full_like(coords, leaves[leaf].size), coords)
+            coords = torch.where(coords < 0, torch.full_like(coords, table.size[leaf]), coords)
             cname = f"_graphprune_coords_{n_const}"
             n_const += 1
             gm.register_buffer(cname, coords.to(_device(gm)))

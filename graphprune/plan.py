@@ -63,9 +63,12 @@ class PruningPlan:
         out = {}
         for pg in self.groups:
             g = dg.group(pg.name)
-            mask = torch.zeros(g.size, dtype=torch.bool)
-            mask[torch.as_tensor(pg.keep, dtype=torch.long)] = True
-            out[g.axis] = mask
+            if g.units is None:
+                mask = torch.zeros(g.size, dtype=torch.bool)
+                mask[torch.as_tensor(pg.keep, dtype=torch.long)] = True
+                out[g.axis] = mask
+        for leaf in removed_by_blocks(dg, {pg.name: pg.keep for pg in self.groups}):  # whole blocks: no unit left
+            out[leaf] = torch.zeros(dg.table.size[leaf], dtype=torch.bool)
         return out
 
     def check(self, dg: DependencyGraph) -> None:
@@ -134,6 +137,37 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ================================================================ counting
+def removed_by_blocks(dg: DependencyGraph, keep: dict[str, list[int]]) -> frozenset[int]:
+    """Leaf axes removed whole by the block groups (``Group.units``) named in ``keep``."""
+    out = set()
+    for name, kept in keep.items():
+        g = dg.group(name)
+        if g.units is not None:
+            kept = set(kept)
+            out |= {dg.table.find(leaf) for u, parts in enumerate(g.units) if u not in kept for leaf in parts}
+    return frozenset(out)
+
+
+def count_params(dg: DependencyGraph, kept: dict[int, int], removed: frozenset[int] = frozenset(), names=None) -> int:
+    """Parameters left when each leaf of ``kept`` keeps that many units and ``removed`` leaves go whole
+    (with what only fed them: a removed block's norm weights, see :func:`graphprune.rewrite.block_removal`)."""
+    kept = {**kept, **{leaf: 0 for leaf in removed}}
+    total = dg.param_count(kept, names=names)
+    if removed:
+        from .rewrite import block_removal
+
+        gone = [n for n in block_removal(dg, removed).dropped_params if names is None or n in names]
+        total -= dg.param_count(kept, names=gone) if gone else 0
+    return total
+
+
+def _block_keep(groups, counts, scores) -> dict[str, list[int]]:
+    """Kept units of the block groups at these counts (the highest scores)."""
+    return {g.name: torch.argsort(scores[g.name].float(), descending=True, stable=True)[: counts[g.name]].tolist()
+            for g in groups if g.units is not None}
 
 
 # ================================================================ making plans
@@ -231,7 +265,8 @@ def make_plan(
 
     def achieved(counts) -> float:
         kept = {g.axis: counts[g.name] for g in groups}
-        return 1 - dg.param_count(kept, names=block) / block_before
+        removed = removed_by_blocks(dg, _block_keep(groups, counts, scores))
+        return 1 - count_params(dg, kept, removed, names=block) / block_before
 
     lo, hi = 0.0, 1.0
     counts = _keep_counts(groups, scores, 0.0, allocation, round_to, min_keep)
@@ -263,10 +298,11 @@ def make_plan(
 def fill_counts(plan: PruningPlan, dg: DependencyGraph) -> None:
     """Set the plan's before/after parameter counts from the dependency graph."""
     kept = {dg.group(g.name).axis: len(g.keep) for g in plan.groups}
+    removed = removed_by_blocks(dg, {g.name: g.keep for g in plan.groups})
     block = dg.block_params()
-    plan.params_before, plan.params_after = dg.param_count(), dg.param_count(kept)
+    plan.params_before, plan.params_after = dg.param_count(), count_params(dg, kept, removed)
     plan.block_params_before = dg.param_count(names=block)
-    plan.block_params_after = dg.param_count(kept, names=block)
+    plan.block_params_after = count_params(dg, kept, removed, names=block)
 
 
 def keep_all_plan(dg: DependencyGraph, kinds=DEFAULT_KINDS) -> PruningPlan:

@@ -8,7 +8,10 @@ owns fresh copies of all tensors.
 from __future__ import annotations
 
 import copy
+import operator
+from dataclasses import dataclass
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -56,6 +59,7 @@ class RewriteContext(AxisMasks):
         super().__init__(dg, leaf_keep)
         self.gm = gm
         self._n_consts = 0
+        self.dropped: set[str] = set()  # parameters removed with whole blocks
 
     def constant(self, value: torch.Tensor, prefix: str = "_graphprune_const") -> fx.Node:
         name = f"{prefix}_{self._n_consts}"
@@ -101,6 +105,8 @@ def slice_tensors(gm: fx.GraphModule, ctx: AxisMasks) -> None:
     for target, canonical in ctx.dg.walk.aliases.items():
         targets_of.setdefault(canonical, []).append(target)
     for name, axes in ctx.dg.params.items():
+        if name in getattr(ctx, "dropped", ()):
+            continue  # went with a removed block
         tensor = fetch_attr(gm, name)
         new = tensor
         for d, a in enumerate(axes):
@@ -123,6 +129,140 @@ def set_weights(gm: fx.GraphModule, dg: DependencyGraph, weights: dict[str, torc
             _set_tensor(gm, target, new)
 
 
+# ================================================================ whole-block removal
+# A contraction over a removed axis is the block's write: with all its inputs zero it is its bias.
+EXIT_BIAS_ARG = {"aten.linear.default": 2, "aten.addmm.default": 0, "aten.baddbmm.default": 0, "aten.mm.default": None,
+                 "aten.bmm.default": None, "aten.matmul.default": None, "aten.sum.dim_IntList": None, "aten.mean.dim": None}
+
+
+@dataclass
+class BlockRemoval:
+    """What removing some leaf axes whole (a block) does to the graph."""
+
+    exits: dict[str, int | None]  # node -> index of its bias argument: replaced by zeros (+ bias)
+    dead: set[str]  # nodes erased: every value that became empty, and what only fed them
+    dropped_params: set[str]  # canonical parameter names no node uses any more
+
+
+def _is_assert(node: fx.Node) -> bool:
+    return node.op == "call_function" and not node.users and node.is_impure()
+
+
+def block_removal(dg: DependencyGraph, removed: frozenset[int]) -> BlockRemoval:
+    """Nodes and parameters that go when every unit of the leaves ``removed`` is removed.
+
+    A value with an axis of kept size 0 is empty and goes; a contraction that reads an empty value
+    but is not empty itself becomes zeros plus its bias; then whatever fed only removed nodes goes
+    too (a block's input norm, Qwen3's q/k norms). Plan counting and the rewrite both use this.
+    """
+    cache = dg.__dict__.setdefault("_block_removal_cache", {})
+    if removed in cache:
+        return cache[removed]
+    kept, memo, by_name = {leaf: 0 for leaf in removed}, {}, dg.axes_by_name()
+
+    def empty(axes) -> bool:
+        if not axes:
+            return False
+        if isinstance(axes[0], list):
+            return all(empty(a) for a in axes)
+        return any(dg.kept_size(a, kept, memo) == 0 < dg.table.size[dg.table.find(a)] for a in axes)  # (not empty slices)
+
+    nodes = list(dg.gm.graph.nodes)
+    dead = {n.name for n in nodes if n.op in ("call_function", "get_attr") and empty(by_name.get(n.name))}
+    exits: dict[str, int | None] = {}
+    for n in nodes:
+        if n.name in dead or n.op != "call_function" or not any(a.name in dead for a in n.all_input_nodes):
+            continue
+        if str(n.target) in EXIT_BIAS_ARG and isinstance(n.meta.get("val"), torch.Tensor):
+            exits[n.name] = EXIT_BIAS_ARG[str(n.target)]
+        elif _is_assert(n) or not isinstance(n.meta.get("val"), (torch.Tensor, list, tuple)):
+            dead.add(n.name)  # asserts and shape queries on removed values
+        elif n.target is not operator.getitem:
+            raise RewriteError(f"cannot remove a whole block: node {n.name} ({n.target}) reads it and is not a contraction")
+
+    def bias_of(user: fx.Node) -> fx.Node | None:
+        i = exits[user.name]
+        return user.args[i] if i is not None and i < len(user.args) else None
+
+    for n in reversed(nodes):
+        if n.name in dead or n.name in exits or n.op in ("placeholder", "output") or _is_assert(n) or n.is_impure():
+            continue
+        users = [u for u in n.users if not _is_assert(u)]
+        if users and all(u.name in dead or (u.name in exits and bias_of(u) is not n) for u in users):
+            dead.add(n.name)
+    dead |= {n.name for n in nodes if _is_assert(n) and any(a.name in dead for a in n.all_input_nodes)}
+    used = {dg.walk.aliases.get(n.target, n.target) for n in nodes if n.op == "get_attr" and n.name not in dead}
+    dropped = {name for name in dg.params if name not in used}
+    cache[removed] = result = BlockRemoval(exits, dead, dropped)
+    return result
+
+
+def _sym_size(graph: fx.Graph, size, symbols: dict) -> object:
+    """An int, or a node computing a symbolic size from the inputs' sizes."""
+    if isinstance(size, int):
+        return size
+    expr = size.node.expr if isinstance(size, torch.SymInt) else size
+
+    def build(e):
+        if e.is_Integer:
+            return int(e)
+        if e.is_Symbol:
+            if str(e) not in symbols:
+                raise RewriteError(f"cannot express size {expr} from the model inputs")
+            return symbols[str(e)]
+        op = {sympy.Mul: operator.mul, sympy.Add: operator.add}.get(type(e))
+        if op is None:
+            raise RewriteError(f"cannot express size {expr} from the model inputs")
+        args = [build(a) for a in e.args]
+        out = args[0]
+        for a in args[1:]:
+            out = graph.call_function(op, (out, a))
+        return out
+
+    return build(expr)
+
+
+def remove_blocks(ctx: "RewriteContext", removal: BlockRemoval) -> None:
+    """Apply a :class:`BlockRemoval` to ``ctx.gm`` (a copy of the dense graph)."""
+    gm, graph = ctx.gm, ctx.gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    inputs = [n for n in graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
+    for name in removal.exits:
+        node = nodes[name]
+        val, bias = node.meta["val"], None
+        if removal.exits[name] is not None and len(node.args) > removal.exits[name]:
+            bias = node.args[removal.exits[name]]
+        with graph.inserting_before(node):
+            symbols = {}
+            for ph in inputs:
+                for d, s in enumerate(ph.meta["val"].shape):
+                    if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol and str(s.node.expr) not in symbols:
+                        symbols[str(s.node.expr)] = graph.call_function(aten.sym_size.int, (ph, d))
+            size = [_sym_size(graph, s, symbols) for s in val.shape]
+            ref = bias if isinstance(bias, fx.Node) else inputs[0]
+            new = graph.call_function(aten.new_zeros.default, (ref, size), {"dtype": val.dtype})
+            ctx.by_name[new.name] = ctx.by_name[name]  # its size constants follow other pruned axes
+            if isinstance(bias, fx.Node):
+                new = graph.call_function(aten.add.Tensor, (new, bias))
+                ctx.by_name[new.name] = ctx.by_name[name]
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    for node in reversed(list(graph.nodes)):
+        if node.name in removal.dead:
+            graph.erase_node(node)
+    for target, canonical in ctx.dg.walk.aliases.items():
+        if canonical in removal.dropped_params:
+            *path, attr = target.split(".")
+            owner = fetch_attr(gm, ".".join(path)) if path else gm
+            owner._parameters.pop(attr, None)
+            owner._buffers.pop(attr, None)
+    ctx.dropped = removal.dropped_params
+
+
+def removed_leaves(dg: DependencyGraph, leaf_keep: dict[int, torch.Tensor]) -> frozenset[int]:
+    return frozenset(dg.table.find(leaf) for leaf, m in leaf_keep.items() if not bool(m.any()))
+
+
 def rewrite(dg: DependencyGraph, leaf_keep: dict[int, torch.Tensor], weights: dict[str, torch.Tensor] | None = None) -> fx.GraphModule:
     """A physically smaller copy of ``dg.gm`` keeping, for each group leaf, the masked units.
 
@@ -132,6 +272,8 @@ def rewrite(dg: DependencyGraph, leaf_keep: dict[int, torch.Tensor], weights: di
     gm = copy.deepcopy(dg.gm)
     set_weights(gm, dg, weights)
     ctx = RewriteContext(dg, leaf_keep, gm)
+    if removed := removed_leaves(dg, leaf_keep):
+        remove_blocks(ctx, block_removal(dg, removed))
     slice_tensors(gm, ctx)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.name not in ctx.by_name:

@@ -22,6 +22,19 @@ class ScoringContext:
     calib: object = None
     progress: bool = False
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # new values set by the pass
+    # calibration options (``calib`` becomes a ``graphprune.data.Calibration`` with these)
+    tokenizer: object = None
+    n_samples: int = 16
+    seq_len: int = 128
+    seed: int = 0
+    example_kwargs: dict | None = None  # how the traced graph is called (compile passes the trace's)
+    # the plan the scores are for, when known (iterative passes prune towards it)
+    ratio: float | None = None
+    kinds: tuple = DEFAULT_KINDS
+    ignore: tuple = ()
+    allocation: str = "uniform"
+    round_to: int = 1
+    info: dict = field(default_factory=dict)  # facts a pass reports (fusion weights, per-layer sparsity)
 
 
     @property
@@ -40,6 +53,57 @@ class ScoringContext:
         if tuple(value.shape) != tuple(old.shape):
             raise GraphpruneError(f"update_weight: {name!r} has shape {tuple(old.shape)}, not {tuple(value.shape)}")
         self.weights[name] = value.detach().to(dtype=old.dtype, device=old.device)
+
+    def calibration(self):
+        """``calib`` as a :class:`graphprune.data.Calibration` (built once, then cached)."""
+        from .data import calibration
+
+        if self.calib is None:
+            raise GraphpruneError("this pass needs calibration data: pass calib=... (a corpus name, texts or token ids)")
+        if not hasattr(self, "_calibration"):
+            self._calibration = calibration(self.calib, self.tokenizer, self.n_samples, self.seq_len, self.seed)
+        return self._calibration
+
+    def inputs(self, input_ids: torch.Tensor) -> dict:
+        """Keyword inputs of the traced graph for a batch of token ids."""
+        from .data import model_inputs
+
+        if self.example_kwargs is None:
+            self.example_kwargs = example_kwargs_of(self.dg.gm)
+        return model_inputs(self.example_kwargs, input_ids)
+
+    def plan(self, scores: dict[str, torch.Tensor], ratio: float | None = None):
+        """The plan ``compile`` would make from ``scores`` (same kinds, allocation, rounding, ignore)."""
+        from .plan import make_plan
+
+        ratio = self.ratio if ratio is None else ratio
+        if ratio is None:
+            raise GraphpruneError("the target ratio is unknown: pass ratio= to graphprune.score (compile does)")
+        return make_plan(self.dg, scores, ratio, kinds=self.kinds, allocation=self.allocation,
+                         round_to=self.round_to, ignore=self.ignore)
+
+    def unit_sums(self, group: Group, tensors: dict[str, torch.Tensor], position_fn=None) -> list[torch.Tensor]:
+        """Per member of ``group`` found in ``tensors``: the tensor summed over each unit's positions.
+
+        Each member's tensor is first summed over every dimension but the member's own, giving one
+        value per position; ``position_fn`` (e.g. ``abs``) maps those before they are added into
+        units. Returns float64 vectors of ``group.size``, in member order.
+        """
+        out = []
+        for m in group.members:
+            t = tensors.get(m.param)
+            if t is None:
+                continue
+            values = t.detach().double()
+            other = [d for d in range(values.dim()) if d != m.dim]
+            per_pos = values.sum(dim=other) if other else values
+            if position_fn is not None:
+                per_pos = position_fn(per_pos)
+            keep = (m.coords >= 0).to(per_pos.device)
+            total = torch.zeros(group.size, dtype=torch.float64)
+            total.index_add_(0, m.coords.to(per_pos.device)[keep].cpu(), per_pos[keep].cpu())
+            out.append(total)
+        return out
 
     def unit_reduce(self, group: Group, per_param: Callable[[torch.Tensor, int], torch.Tensor], tensors=None) -> torch.Tensor:
         """Sum ``per_param(tensor, dim)`` (an element-wise map) over every unit of ``group``.
@@ -60,12 +124,28 @@ class ScoringContext:
         return total.float()
 
 
-class Scores(dict):
-    """``{group name: 1-D importance per unit}``; ``weights`` holds weights the pass changed."""
+def example_kwargs_of(gm) -> dict:
+    """Example keyword inputs rebuilt from a traced graph's placeholders (when no trace is at hand)."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            out[node.name] = torch.ones([2] * val.dim(), dtype=val.dtype)
+        else:
+            out[node.name] = val
+    return out
 
-    def __init__(self, scores=(), weights=None):
+
+class Scores(dict):
+    """``{group name: 1-D importance per unit}``; ``weights`` holds weights the pass changed,
+    ``info`` what the pass reports about its choices (e.g. HyWIA's fusion weights)."""
+
+    def __init__(self, scores=(), weights=None, info=None):
         super().__init__(scores)
         self.weights: dict[str, torch.Tensor] = dict(weights or {})
+        self.info: dict = dict(info or {})
 
 
 def score(
@@ -76,9 +156,23 @@ def score(
     ignore=(),
     calib=None,
     progress: bool = False,
+    tokenizer=None,
+    n_samples: int = 16,
+    seq_len: int = 128,
+    seed: int = 0,
+    example_kwargs: dict | None = None,
+    ratio: float | None = None,
+    allocation: str | None = None,
+    round_to: int = 1,
     **config,
 ) -> Scores:
-    """Importance of every unit of every selected group: ``{group name: 1-D tensor}`` (a :class:`Scores`)."""
+    """Importance of every unit of every selected group: ``{group name: 1-D tensor}`` (a :class:`Scores`).
+
+    Data-driven passes read ``calib`` (a corpus name, path, ``datasets.Dataset``, list of strings,
+    token ids or :class:`graphprune.data.Calibration`; text needs ``tokenizer``) as ``n_samples``
+    windows of ``seq_len`` tokens drawn with ``seed``. ``ratio``/``allocation``/``round_to``
+    describe the plan the scores are for; iterative passes (LoRAPrune) need ``ratio``.
+    """
     scorer = method if isinstance(method, ScoringPass) else get_pass(method)(**config)
     if scorer.needs_calibration and calib is None:
         raise GraphpruneError(f"method {scorer.name!r} needs calibration data: pass calib=...")
@@ -87,10 +181,14 @@ def score(
             "the model's weights are on the meta device, so nothing can be scored: load real weights, "
             "or pass a saved plan (compile(model, plan=...)) to prune structure only"
         )
-    ctx = ScoringContext(dg, select_groups(dg.groups, kinds, ignore), calib, progress)
+    ctx = ScoringContext(
+        dg, select_groups(dg.groups, kinds, ignore), calib, progress, tokenizer=tokenizer, n_samples=n_samples,
+        seq_len=seq_len, seed=seed, example_kwargs=example_kwargs, ratio=ratio, kinds=tuple(kinds), ignore=tuple(ignore),
+        allocation=allocation or getattr(scorer, "default_allocation", "uniform"), round_to=round_to,
+    )
     scores = scorer.score(ctx)
     for g in ctx.groups:
         s = scores.get(g.name)
         if s is None or tuple(s.shape) != (g.size,):
             raise GraphpruneError(f"pass {scorer.name!r} returned no or wrongly shaped scores for {g.name!r}")
-    return Scores(scores, ctx.weights)
+    return Scores(scores, ctx.weights, ctx.info)

@@ -14,6 +14,13 @@ The kind of a group is read from the graph, not from model classes:
 * ``hidden``: the residual stream (reaches the token embedding, or more than one block);
 * ``lora_rank``: the rank of a peft LoRA adapter (lora_A rows / lora_B columns);
 * ``channels``: everything else (MLP intermediate channels, expert channels, ...).
+
+Block kinds (:data:`BLOCK_KINDS`) are derived from those: one group per kind whose unit is a whole
+sub-block of one transformer block — ``attn_block`` (its ``heads`` groups), ``mlp_block`` (its
+``channels`` groups) or ``layer`` (both). Removing a unit removes every unit of those groups, so
+the block's write into the residual stream is only its output bias and the residual passes
+through (:func:`graphprune.rewrite.block_removal`). ``Group.units`` lists, per unit, the leaf axes
+it removes whole; its ``axis`` is a fresh one that no tensor carries.
 """
 from __future__ import annotations
 
@@ -28,7 +35,8 @@ from .axes import AxisTable
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 DEFAULT_KINDS = ("heads", "channels")
-ALL_KINDS = ("heads", "query_heads", "head_dim", "channels", "hidden", "lora_rank")
+BLOCK_KINDS = ("attn_block", "mlp_block", "layer")
+ALL_KINDS = ("heads", "query_heads", "head_dim", "channels", "hidden", "lora_rank", *BLOCK_KINDS)
 
 
 def block_of(param: str) -> str | None:
@@ -55,6 +63,7 @@ class Group:
     axis: int  # leaf root in the axis table
     size: int  # number of units
     members: list[Member] = field(default_factory=list)
+    units: list[list[int]] | None = None  # block kinds only: per unit, the leaf axes it removes whole
 
     @property
     def blocks(self) -> list[str]:
@@ -102,7 +111,39 @@ def find_groups(
         groups.append(group)
     _name_groups(groups)
     groups.sort(key=lambda g: _natural_key(g.name))
-    return groups, frozen_params
+    residual = {leaf for leaf, t in tags.items() if "embedding" in t}
+    return groups + find_blocks(groups, table, params, residual), frozen_params
+
+
+def find_blocks(groups: list[Group], table: AxisTable, params: dict[str, list[int]], residual: set[int]) -> list[Group]:
+    """Whole-block groups: per transformer block, its heads groups (attention) and channels groups (MLP)
+    that lie in that block alone and feed the residual stream (a member's other dim is on the
+    embedding's axis: the projections reading and writing the stream)."""
+    def feeds_residual(g: Group) -> bool:
+        return any(set(table.leaves(a)) & residual for m in g.members for d, a in enumerate(params[m.param]) if d != m.dim)
+
+    parts: dict[str, dict[str, list[Group]]] = {}
+    for g in groups:
+        if g.kind in ("heads", "channels") and len(g.blocks) == 1 and len({block_of(m.param) for m in g.members}) == 1 and feeds_residual(g):
+            parts.setdefault(g.blocks[0], {}).setdefault("attn_block" if g.kind == "heads" else "mlp_block", []).append(g)
+    blocks = sorted(parts, key=_natural_key)
+    out = []
+    for kind in BLOCK_KINDS:
+        units = [(b, [g for k, gs in parts[b].items() if kind in (k, "layer") for g in gs]) for b in blocks]
+        units = [(b, gs) for b, gs in units if gs]
+        if len(units) < 2:
+            continue
+        block = Group(name=f"{_common_prefix([b + '.x' for b, _ in units]) or 'model'}:{kind}", kind=kind, size=len(units), units=[],
+                      axis=table.new(len(units), kind))  # an axis of its own: one index per block
+        seen = set()
+        for u, (_, gs) in enumerate(units):
+            block.units.append([g.axis for g in gs])
+            for m in (m for g in gs for m in g.members):
+                if (m.param, m.dim) not in seen:
+                    seen.add((m.param, m.dim))
+                    block.members.append(Member(m.param, m.dim, torch.where(m.coords >= 0, u, -1), m.numel_rest))
+        out.append(block)
+    return out
 
 
 def _tag_index(table: AxisTable) -> dict[int, set[str]]:

@@ -1,0 +1,377 @@
+"""Quality benchmark: every pruning method against the dense model and the LLM-Pruner (Taylor) baseline.
+
+For one model (default SmolLM2-135M-Instruct, fetched by ``../shared/data/fetch_smollm2.sh``): a
+dense row; each method at each ratio, without and with LoRA recovery fine-tuning (the same budget
+for every method, and for the dense model: PAT's comparison). Columns: parameters, WikiText-2 and
+PTB perplexity under LLM-Pruner's 128-token protocol and the long one (1024 or the model's limit),
+7-task zero-shot accuracy and its average, scoring time, fine-tuning time, peak memory.
+Methods not registered (``graphprune.available_passes()``) appear as missing, without numbers.
+
+Each (method, ratio) runs in a fresh subprocess, so its peak memory is its own. Writes a
+markdown report with a table and a PNG of the kept width per layer per method, plus a JSON file:
+
+    python benchmarks/quality.py                                    # full: docs/results.md, docs/quality.json
+    python benchmarks/quality.py --quick --model ../shared/data/models/stories260K   # smoke test (/tmp)
+    python benchmarks/quality.py --max-tokens 32768 --max-examples 500 --finetune-steps 200
+
+Every cap is recorded in the output and printed next to the table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SMOLLM2 = Path.home() / ".cache" / "graphprune" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+METHODS = ("magnitude", "taylor", "hywia", "loraprune", "bernoulli", "pat")
+RATIOS = (0.2, 0.5)
+TASK_LABELS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaS.", "winogrande": "WinoG.",
+               "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
+
+
+@dataclass
+class Caps:
+    """Everything that limits or sizes the run (recorded with the results)."""
+
+    max_tokens: int | None = None  # per corpus and protocol, for perplexity (None: the whole split)
+    max_examples: int | None = None  # per zero-shot task (None: every question)
+    finetune_steps: int = 200
+    finetune_batch: int = 4
+    finetune_seq_len: int = 256
+    finetune_lr: float = 1e-4
+    finetune_data: str = "instruct/alpaca_data.json.gz"
+    lora_r: int = 8
+    lora_alpha: float = 16
+    calib_samples: int = 32
+    calib_seq_len: int = 128
+    method_steps: int | None = None  # overrides the `steps` option of passes that train (LoRAPrune, Bernoulli, PAT)
+    eval_batch: int = 8
+    device: str = "auto"
+
+
+QUICK = dict(max_tokens=1024, max_examples=12, finetune_steps=4, finetune_batch=2, finetune_seq_len=256,
+             calib_samples=4, calib_seq_len=64, method_steps=4)
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# ================================================================ one case (child process)
+def evaluate_row(model, tok, caps: Caps, long_len) -> dict:
+    from graphprune.evaluate import perplexity, zeroshot
+
+    row: dict = {"ppl": {}}
+    t0 = time.perf_counter()
+    for corpus in ("wikitext2", "ptb"):
+        for protocol, seq_len in (("128", 128), ("long", long_len)):
+            if caps.max_tokens is not None and caps.max_tokens < seq_len:
+                continue
+            r = perplexity(model, tok, corpus, seq_len=seq_len, max_tokens=caps.max_tokens, batch_size=caps.eval_batch, progress=False)
+            row["ppl"][f"{corpus}@{protocol}"] = {"ppl": r.ppl, "seq_len": r.seq_len, "tokens": r.tokens_scored, "split": r.split}
+    zs = zeroshot(model, tok, max_examples=caps.max_examples, batch_size=caps.eval_batch, progress=False)
+    row["zeroshot"] = {k: v.to_dict() for k, v in zs.tasks.items()}
+    row["zeroshot_average"] = zs.average
+    row["eval_seconds"] = time.perf_counter() - t0
+    return row
+
+
+def method_config(method: str, caps: Caps, extra: dict) -> dict:
+    import dataclasses
+
+    from graphprune.registry import get_pass
+
+    config = dict(extra.get(method, {}))
+    fields = {f.name for f in dataclasses.fields(get_pass(method).Config)}
+    if caps.method_steps is not None and "steps" in fields:
+        config.setdefault("steps", caps.method_steps)
+    return config
+
+
+def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
+    import torch
+
+    import graphprune
+    from graphprune.data import calibration, data_dir
+    from graphprune.evaluate.perplexity import LONG_CONTEXT
+    from graphprune.io import load_model
+
+    device = caps.device if caps.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(model_path)
+    model, tok = loaded.model.to(device), loaded.tokenizer()
+    limit = getattr(model.config, "max_position_embeddings", None)
+    long_len = min(LONG_CONTEXT, limit) if limit else LONG_CONTEXT
+    method, _, ratio = case.partition(":")
+    ratio = float(ratio or 0)
+    out: dict = {"case": case, "method": method, "ratio": ratio, "device": device, "rows": []}
+    calib = calibration("wikitext2", tok, n_samples=caps.calib_samples, seq_len=caps.calib_seq_len, seed=0)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if method == "dense":
+        pruned, params = model, model.num_parameters()
+        out.update(score_seconds=None, compile_seconds=None, config={})
+    else:
+        config = method_config(method, caps, extra)
+        out["config"] = config
+        t0 = time.perf_counter()
+        pruned = graphprune.compile(model, ratio, method=method, calib=calib, progress=False, **config)
+        out["compile_seconds"] = time.perf_counter() - t0
+        report = pruned.report
+        out["score_seconds"] = report.seconds.get("score")
+        out["achieved_ratio"] = report.achieved_ratio
+        out["per_layer"] = [{k: list(v) if isinstance(v, tuple) else v for k, v in r.items()} for r in report.per_layer()]
+        params = pruned.num_parameters()
+    out["params"] = params
+    out["peak_rss_gib_compile"] = peak_rss_gib()
+    out["peak_cuda_gib_compile"] = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    out["rows"].append({"recovery": "none", **evaluate_row(pruned, tok, caps, long_len)})
+    if caps.finetune_steps > 0:
+        data = caps.finetune_data if Path(caps.finetune_data).is_absolute() else str(data_dir() / caps.finetune_data)
+        t0 = time.perf_counter()
+        tuned = graphprune.finetune(pruned, data, steps=caps.finetune_steps, tokenizer=tok, lora_r=caps.lora_r,
+                                    lora_alpha=caps.lora_alpha, lr=caps.finetune_lr, batch_size=caps.finetune_batch,
+                                    seq_len=caps.finetune_seq_len, progress=False)
+        info = tuned.finetune_info
+        row = {"recovery": "lora", "finetune_seconds": time.perf_counter() - t0, "finetune_backend": info.backend,
+               "finetune_first_loss": info.losses[0], "finetune_last_loss": info.losses[-1]}
+        out["rows"].append({**row, **evaluate_row(tuned, tok, caps, long_len)})
+    out["peak_rss_gib"] = peak_rss_gib()
+    return out
+
+
+# ================================================================ orchestration (parent process)
+def run_in_child(case: str, args, caps: Caps) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_path = f.name
+    cmd = [sys.executable, __file__, "--case", case, "--result", result_path, "--model", args.model,
+           "--caps", json.dumps(asdict(caps)), "--method-config", json.dumps(args.method_config)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
+            return {"case": case, "error": "\n".join(tail), "wall_seconds": time.perf_counter() - t0}
+        result = json.loads(Path(result_path).read_text())
+        result["wall_seconds"] = time.perf_counter() - t0
+        return result
+    finally:
+        Path(result_path).unlink(missing_ok=True)
+
+
+def fmt(x, digits=2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}" if abs(x) < 1e4 else f"{x:,.0f}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def table(results: list[dict], long_len: int) -> str:
+    head = ["method", "ratio", "recovery", "params", "Wiki2@128", "PTB@128", f"Wiki2@{long_len}", f"PTB@{long_len}",
+            *TASK_LABELS.values(), "avg", "score s", "FT s", "peak GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in results:
+        label = res["case"].split(":")[0]
+        ratio = f"{res.get('ratio', 0):.0%}" if label != "dense" else "–"
+        if res.get("missing") or res.get("error"):
+            status = "*missing*" if res.get("missing") else "*failed*"
+            lines.append(f"| {label} | {ratio} | {status} | " + " | ".join(["–"] * (len(head) - 3)) + " |")
+            continue
+        for row in res["rows"]:
+            ppl = row["ppl"]
+            cells = [label, ratio, row["recovery"], fmt(res["params"])]
+            for key in ("wikitext2@128", "ptb@128", "wikitext2@long", "ptb@long"):
+                cells.append(fmt(ppl[key]["ppl"]) if key in ppl else "–")
+            zs = row["zeroshot"]
+            cells += [fmt(100 * zs[t]["score"], 1) if t in zs else "–" for t in TASK_LABELS]
+            cells.append(fmt(100 * row["zeroshot_average"], 2))
+            cells.append(fmt(res.get("score_seconds"), 1))
+            cells.append(fmt(row.get("finetune_seconds"), 0) if row["recovery"] != "none" else "–")
+            peak = res.get("peak_cuda_gib_compile") or res.get("peak_rss_gib_compile")
+            cells.append(fmt(peak, 2))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_widths(results: list[dict], path: Path) -> Path | None:
+    """Kept fraction per layer, one panel per (kind, ratio), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in results if r.get("per_layer")]
+    if not done:
+        return None
+    kinds = sorted({k for r in done for row in r["per_layer"] for k in row if k != "block"})
+    ratios = sorted({r["ratio"] for r in done})
+    fig, axes = plt.subplots(len(kinds), len(ratios), figsize=(5.5 * len(ratios), 2.8 * len(kinds) + 0.5), squeeze=False)
+    for i, kind in enumerate(kinds):
+        for j, ratio in enumerate(ratios):
+            ax = axes[i][j]
+            for n, r in enumerate(r for r in done if r["ratio"] == ratio):
+                layers = [row for row in r["per_layer"] if kind in row and row["block"] != "(global)"]
+                if layers:  # uniform allocations overlap: line styles tell them apart
+                    ax.plot(range(len(layers)), [row[kind][0] / row[kind][1] for row in layers], label=r["method"],
+                            marker="o^sDvx"[n % 6], markersize=3, linestyle=("-", "--", ":", "-.")[n % 4])
+                    ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_title(f"{kind}, ratio {ratio:.0%}", fontsize=9)
+            ax.set_ylim(0, 1.05)
+            ax.set_xlabel("layer", fontsize=8)
+            ax.set_ylabel("kept fraction", fontsize=8)
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) -> None:
+    from graphprune.plan import atomic_write_text
+
+    caps = meta["caps"]
+    long_len = meta["long_len"]
+    png = plot_widths(results, out_md.with_name(out_md.stem + "_widths.png"))
+    lines = [
+        "# Quality: pruning methods on " + meta["model_name"],
+        "",
+        f"Written by `{meta['command']}` on {meta['date']} ({meta['machine']}; commit {meta['commit']}).",
+        "Do not edit by hand: re-run the command.",
+        "",
+        "**Caps of this run** (numbers are only comparable between runs with the same caps): "
+        f"perplexity on the first {fmt(caps['max_tokens']) if caps['max_tokens'] else 'all'} tokens of each split "
+        f"(WikiText-2 test, PTB validation; windows of 128 and {long_len} tokens, non-overlapping); zero-shot on the first "
+        f"{caps['max_examples'] or 'all'} questions of each task; LoRA recovery (r={caps['lora_r']}, α={caps['lora_alpha']}) for "
+        f"{caps['finetune_steps']} steps × {caps['finetune_batch']} sequences of ≤{caps['finetune_seq_len']} tokens, lr {caps['finetune_lr']}, "
+        f"on `{caps['finetune_data']}` — the same for every method and for the dense model; calibration "
+        f"{caps['calib_samples']} × {caps['calib_seq_len']} tokens of WikiText-2 train"
+        + (f"; passes that train ran {caps['method_steps']} steps" if caps["method_steps"] is not None else "") + ".",
+        "",
+        "Zero-shot columns: acc for BoolQ, PIQA, WinoGrande, ARC-e; acc_norm for HellaSwag, ARC-c, OpenBookQA "
+        "(LLM-Pruner's convention), in %. *score s*: time of the scoring pass; *FT s*: recovery fine-tuning time; "
+        "*peak GiB*: peak memory of the process up to the end of pruning (GPU memory on CUDA, else RSS, model load included).",
+        "",
+        table(results, long_len),
+        "",
+    ]
+    missing = [r["case"] for r in results if r.get("missing")]
+    if missing:
+        lines += [f"Missing (method not registered when this ran): {', '.join(sorted({m.split(':')[0] for m in missing}))}.", ""]
+    failed = [r for r in results if r.get("error")]
+    for r in failed:
+        lines += [f"Failed: `{r['case']}`:", "", "```", r["error"], "```", ""]
+    if png is not None:
+        lines += ["## Kept width per layer", "", f"![kept width per layer per method]({png.name})", ""]
+    atomic_write_text(out_md, "\n".join(lines))
+    atomic_write_text(out_json, json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Quality benchmark of graphprune's pruning methods (see the module docstring).")
+    parser.add_argument("--model", default=str(SMOLLM2), help="HF folder or .gguf (default: SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--ratios", default=",".join(str(r) for r in RATIOS))
+    parser.add_argument("--quick", action="store_true", help="tiny caps for a smoke test: " + json.dumps(QUICK))
+    parser.add_argument("--max-tokens", type=int, help="perplexity: first N tokens of each split")
+    parser.add_argument("--max-examples", type=int, help="zero-shot: first N questions of each task")
+    parser.add_argument("--finetune-steps", type=int, help="LoRA recovery steps (0: no recovery rows)")
+    parser.add_argument("--finetune-batch", type=int)
+    parser.add_argument("--finetune-seq-len", type=int)
+    parser.add_argument("--finetune-lr", type=float)
+    parser.add_argument("--calib-samples", type=int)
+    parser.add_argument("--method-steps", type=int, help="steps of the passes that train (their `steps` option)")
+    parser.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    parser.add_argument("--method-config", type=json.loads, default={}, help='JSON {method: {option: value}}')
+    parser.add_argument("--out-dir", help="where results.md/quality.json go (default: docs/; /tmp/graphprune-quality with --quick)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--caps", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.case:  # child: one (method, ratio), result as JSON
+        caps = Caps(**json.loads(args.caps))
+        try:
+            result = run_case(args.case, args.model, caps, args.method_config)
+        except Exception:
+            traceback.print_exc()
+            sys.exit(1)
+        Path(args.result).write_text(json.dumps(result, default=str))
+        return
+
+    caps = Caps(**(QUICK if args.quick else {}))
+    for name in ("max_tokens", "max_examples", "finetune_steps", "finetune_batch", "finetune_seq_len", "finetune_lr",
+                 "calib_samples", "method_steps", "device"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(caps, name, value)
+    if not Path(args.model).exists():
+        if Path(args.model) == SMOLLM2:
+            subprocess.run(["bash", str(SHARED_DATA / "fetch_smollm2.sh")], check=True)
+        else:
+            sys.exit(f"no model at {args.model}")
+    import graphprune
+    from graphprune.evaluate.perplexity import LONG_CONTEXT
+
+    available = set(graphprune.available_passes())
+    methods = [m for m in args.methods.split(",") if m]
+    ratios = [float(r) for r in args.ratios.split(",") if r]
+    cases = ["dense"] + [f"{m}:{r}" for m in methods for r in ratios]
+    out_dir = Path(args.out_dir) if args.out_dir else (Path("/tmp/graphprune-quality") if args.quick else REPO / "docs")
+    config = json.loads((Path(args.model) / "config.json").read_text()) if (Path(args.model) / "config.json").exists() else {}
+    limit = config.get("max_position_embeddings")
+    long_len = min(LONG_CONTEXT, limit) if limit else LONG_CONTEXT
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    import torch
+
+    meta = {
+        "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
+        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+                   + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"),
+        "commit": commit or "?",
+        "model": args.model,
+        "model_name": Path(args.model).name,
+        "caps": asdict(caps),
+        "method_config": args.method_config,
+        "long_len": long_len,
+        "available_passes": sorted(available),
+    }
+    results = []
+    for case in cases:
+        method = case.split(":")[0]
+        if method != "dense" and method not in available:
+            results.append({"case": case, "method": method, "ratio": float(case.split(":")[1]), "missing": True})
+            print(f"{case:18s} missing (not registered)", flush=True)
+            continue
+        res = run_in_child(case, args, caps)
+        res.setdefault("method", method)
+        res.setdefault("ratio", float(case.split(":")[1]) if ":" in case else 0.0)
+        results.append(res)
+        if res.get("error"):
+            print(f"{case:18s} FAILED after {res['wall_seconds']:.0f}s: {res['error'].splitlines()[-1]}", flush=True)
+        else:
+            summary = "; ".join(f"{row['recovery']}: wiki2@128 {row['ppl'].get('wikitext2@128', {}).get('ppl', float('nan')):.2f}, "
+                                f"avg {100 * row['zeroshot_average']:.1f}" for row in res["rows"])
+            print(f"{case:18s} {res['wall_seconds']:.0f}s  params {res['params']:,}  {summary}", flush=True)
+    write_report(meta, results, out_dir / "results.md", out_dir / "quality.json")
+    print(f"wrote {out_dir / 'results.md'} and {out_dir / 'quality.json'}")
+
+
+if __name__ == "__main__":
+    main()

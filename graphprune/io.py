@@ -1,0 +1,497 @@
+"""Models on disk: loading what users have, and the Hugging Face round trip.
+
+``load_model(source)`` accepts the three forms the command line takes — a local Hugging Face
+folder, a ``.gguf`` file (or a folder holding one), and a folder written by
+``CompiledModel.save`` — and says clearly what is wrong with anything else.
+
+The Hugging Face round trip: ``CompiledModel.save`` also writes a ``transformers`` checkpoint
+(``config.json`` + ``model.safetensors``) next to the graph when the plan applies at module
+level (:mod:`graphprune.module_apply`). When every layer kept the same width, the widths are in
+the config and ``AutoModelForCausalLM.from_pretrained(folder)`` loads it as is. When layers
+differ, the config keeps the dense widths plus a ``graphprune_widths`` record (parameter shapes
+and unit counts per layer); :func:`load_hf` (and ``graphprune.load(folder).to_hf()``) restores
+them. The record survives ``save_pretrained`` after fine-tuning, so the loop stays closed.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from .errors import GraphpruneError, LoadError
+
+WIDTHS_KEY = "graphprune_widths"  # config.json entry holding per-layer widths
+WIDTHS_VERSION = 1
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+CHECKED_SUFFIXES = (".pt2", ".safetensors")  # binary files whose size the manifest records
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+# ================================================================ loading what the user has
+@dataclass
+class LoadedModel:
+    """A model named on the command line: a dense model to prune, or a saved pruned one."""
+
+    kind: str  # "hf", "gguf" or "graphprune"
+    path: Path
+    model: torch.nn.Module | None = None  # the dense model (hf/gguf), or a saved model's HF copy
+    compiled: object = None  # the CompiledModel of a saved graphprune folder
+    tokenizer_path: Path | None = None
+
+    def module(self) -> torch.nn.Module:
+        """An ``nn.Module`` to trace (a saved folder: its HF checkpoint, else its graph)."""
+        if self.model is None and self.compiled is not None:
+            if not has_hf_checkpoint(self.path):
+                raise GraphpruneError(
+                    f"{self.path} holds a pruned graph but no transformers checkpoint, so it cannot be traced again: "
+                    "prune the original model (a stricter ratio, or compile(model, plan=...) to replay plan.json)"
+                )
+            self.model = self.compiled.to_hf()
+        return self.model
+
+    @property
+    def example_kwargs(self) -> dict | None:
+        return None  # every module() is a Hugging Face model: it makes its own example input
+
+    @property
+    def evaluable(self):
+        """What evaluation should run: the pruned graph of a saved folder, else the model."""
+        return self.compiled if self.compiled is not None else self.model
+
+    def tokenizer(self):
+        from .data import load_tokenizer
+
+        if self.tokenizer_path is None:
+            raise GraphpruneError(f"no tokenizer found for {self.path}: save one next to the model")
+        return load_tokenizer(self.tokenizer_path)
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise GraphpruneError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def describe_source(source: str | os.PathLike) -> str:
+    """Which form ``source`` is: ``graphprune``, ``hf`` or ``gguf``; a clear error otherwise."""
+    path = Path(source)
+    if not path.exists():
+        raise LoadError(f"{path}: no such file or folder (MODEL is a local Hugging Face folder, a .gguf file or a saved graphprune folder; nothing is downloaded)")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf"
+        raise LoadError(f"{path} is a file but not a .gguf model; give a Hugging Face folder, a .gguf file or a saved graphprune folder")
+    if (path / "graphprune.json").exists():
+        return "graphprune"
+    if (path / "config.json").exists():
+        return "hf"
+    if any(path.glob("*.gguf")):
+        return "gguf"
+    raise LoadError(f"{path} holds no model: expected config.json (Hugging Face), a .gguf file, or graphprune.json (saved by graphprune)")
+
+
+def load_model(source: str | os.PathLike, dtype="float32") -> LoadedModel:
+    """Load MODEL as given on the command line (see :func:`describe_source`)."""
+    from . import api
+
+    path = Path(source)
+    kind = describe_source(path)
+    if kind == "graphprune":
+        compiled = api.load(path)
+        tok = path if _has_tokenizer(path) else _local_dir((compiled.config or {}).get("_name_or_path"))
+        return LoadedModel(kind, path, compiled=compiled, tokenizer_path=tok)
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    if kind == "gguf":
+        gguf = path if path.is_file() else sorted(path.glob("*.gguf"))[0]
+        folder, extra = gguf.parent, {"gguf_file": gguf.name}
+    else:
+        folder, extra = path, {}
+    if kind == "hf" and has_widths_record(path):
+        model = load_hf(path, dtype=torch_dtype)
+    else:
+        model = _hf_call(lambda: AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, **extra), path)
+    model.eval()
+    tok = gguf if kind == "gguf" else (path if _has_tokenizer(path) else None)
+    return LoadedModel(kind, path, model=model, tokenizer_path=tok)
+
+
+def _hf_call(fn, path: Path):
+    """Run a transformers loader; turn its many exception types into one clear LoadError."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return fn()
+    except GraphpruneError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else ""
+        raise LoadError(f"could not load {path} with transformers: {type(exc).__name__}: {first}") from exc
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return path.is_dir() and ((path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists())
+
+
+def _local_dir(name) -> Path | None:
+    return Path(name) if name and Path(name).exists() else None
+
+
+# ================================================================ saving next to the graph
+def write_companions(compiled, folder: Path, *, hf="auto", tokenizer=None, plot: bool = True) -> dict:
+    """Write the HF checkpoint, tokenizer and width plot into ``folder``; return manifest entries."""
+    out: dict = {"hf": _write_hf(compiled, folder, hf)}
+    out["tokenizer"] = _write_tokenizer(compiled, folder, tokenizer)
+    out["plot"] = None
+    if plot and compiled.report is not None and compiled.report.groups:
+        try:
+            compiled.report.plot(folder / "widths.png")
+            out["plot"] = "widths.png"
+        except GraphpruneError as exc:
+            warnings.warn(f"graphprune: no widths.png: {exc}", stacklevel=3)
+    return out
+
+
+def _write_hf(compiled, folder: Path, hf) -> dict | None:
+    from .module_apply import ModuleApplyError
+    from .trace import is_hf_model
+
+    if hf not in (True, False, "auto"):
+        raise GraphpruneError(f"hf must be True, False or 'auto', got {hf!r}")
+    if hf is False:
+        return None
+    if compiled.source is None:  # a loaded model being saved again: carry its checkpoint over
+        if compiled.path is not None and has_hf_checkpoint(compiled.path):
+            for name in HF_FILES:
+                if (compiled.path / name).exists():
+                    shutil.copy2(compiled.path / name, folder / name)
+            for shard in compiled.path.glob("model-*.safetensors"):
+                shutil.copy2(shard, folder / shard.name)
+            return {"saved": True, "per_layer": has_widths_record(compiled.path)}
+        if hf is True:
+            raise GraphpruneError("no Hugging Face model to write: this model was not compiled from one in this session")
+        return None
+    if not is_hf_model(compiled.source) or not hasattr(compiled.source, "save_pretrained"):
+        if hf is True:
+            raise GraphpruneError(f"{type(compiled.source).__name__} is not a Hugging Face model: no checkpoint to write")
+        return None
+    try:
+        small = to_hf(compiled)
+        small.save_pretrained(str(folder))
+    except Exception as exc:  # "auto": the graph artefacts are still worth saving
+        if hf is True:
+            raise
+        for name in HF_FILES:
+            (folder / name).unlink(missing_ok=True)
+        reason = str(exc) if isinstance(exc, ModuleApplyError) else f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        return {"saved": False, "reason": reason}
+    return {"saved": True, "per_layer": WIDTHS_KEY in small.config.to_dict(), "class": type(small).__name__}
+
+
+def _write_tokenizer(compiled, folder: Path, tokenizer) -> bool:
+    from .data import load_tokenizer
+
+    if tokenizer is None:
+        where = None
+        if compiled.path is not None and _has_tokenizer(compiled.path):
+            where = compiled.path
+        elif compiled.source is not None:
+            where = getattr(getattr(compiled.source, "config", None), "name_or_path", None)
+        if not where or not Path(where).exists():
+            return False
+        try:
+            tokenizer = load_tokenizer(where)
+        except GraphpruneError:
+            return False
+    tokenizer.save_pretrained(str(folder))
+    return True
+
+
+def pytree_modules(program: torch.export.ExportedProgram) -> list[str]:
+    """Modules defining the container types of the program's inputs and outputs (e.g. a
+    transformers ``ModelOutput``): a fresh process must import them before ``torch.export.load``."""
+    found: set[str] = set()
+
+    def walk(spec) -> None:
+        if spec is None:
+            return
+        kind = getattr(spec, "type", None)
+        if isinstance(kind, type) and kind.__module__ not in ("builtins", "collections", "torch.utils._pytree"):
+            found.add(kind.__module__)
+        for child in spec.children() if callable(getattr(spec, "children", None)) else []:
+            walk(child)
+
+    for entry in program.module_call_graph[:1]:
+        walk(entry.signature.in_spec)
+        walk(entry.signature.out_spec)
+    return sorted(found)
+
+
+def import_pytree_modules(manifest: dict) -> None:
+    for name in manifest.get("pytree_modules") or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise LoadError(f"this model's outputs are {name} types, and {name} cannot be imported here ({exc})") from exc
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    """Sizes of the binary files in ``folder`` (a later load detects a truncated copy)."""
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.suffix in CHECKED_SUFFIXES}
+
+
+def check_saved_files(folder: Path, manifest: dict) -> None:
+    for name, size in (manifest.get("files") or {}).items():
+        path = folder / name
+        if not path.exists():
+            raise LoadError(f"{path} is missing (the manifest lists it): the folder is incomplete")
+        actual = path.stat().st_size
+        if actual != size:
+            raise LoadError(f"{path} is corrupt or truncated: {actual:,} bytes where the manifest says {size:,}; copy the folder again")
+
+
+def plan_digest(plan) -> str:
+    """A hash of what a plan keeps: the saved graph and plan.json must agree on it."""
+    kept = [[g.name, sorted(g.keep)] for g in plan.groups]
+    return hashlib.sha256(json.dumps([plan.fingerprint, kept]).encode()).hexdigest()[:16]
+
+
+def check_plan(folder: Path, manifest: dict, plan) -> None:
+    """plan.json must be the plan model.pt2 was made with (not another model's, not another pruning's)."""
+    if manifest.get("fingerprint") not in (None, plan.fingerprint):
+        raise LoadError(f"{folder / 'plan.json'} belongs to a different model than {folder / 'model.pt2'} "
+                        f"(fingerprints {plan.fingerprint} and {manifest['fingerprint']}): the folder was mixed up")
+    if manifest.get("plan_digest") not in (None, plan_digest(plan)):
+        raise LoadError(f"{folder / 'plan.json'} belongs to a different model than {folder / 'model.pt2'}: it keeps other "
+                        "units than the ones the saved graph was pruned to (the folder was mixed up)")
+
+
+def after_load(compiled, folder: Path, manifest: dict) -> None:
+    """Dynamic batch/sequence for re-export, and evaluation pointed at the folder's tokenizer."""
+    if compiled.dynamic_shapes is None and compiled.example_kwargs:
+        compiled.dynamic_shapes = dynamic_shapes_for(compiled.example_kwargs, compiled.config)
+    if _has_tokenizer(folder):
+        compiled.config = {**(compiled.config or {}), "_name_or_path": str(folder)}
+
+
+def dynamic_shapes_for(example_kwargs: dict, config: dict | None) -> dict:
+    """Dims 0 (batch) and 1 (sequence, up to the model's position limit) of every tensor input."""
+    from torch.export import Dim
+
+    limit = (config or {}).get("max_position_embeddings") or (config or {}).get("n_positions")
+    batch, seq = Dim("batch"), (Dim("seq", max=limit) if isinstance(limit, int) and limit > 2 else Dim("seq"))
+    shapes = {}
+    for name, value in example_kwargs.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            shapes[name] = {0: batch, 1: seq}
+        elif isinstance(value, torch.Tensor) and value.dim() == 1:
+            shapes[name] = {0: batch}
+        else:
+            shapes[name] = None
+    return shapes
+
+
+# ================================================================ the Hugging Face round trip
+def has_hf_checkpoint(folder: Path) -> bool:
+    folder = Path(folder)
+    return (folder / "config.json").exists() and (
+        (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
+    )
+
+
+def has_widths_record(folder: Path) -> bool:
+    try:
+        return WIDTHS_KEY in json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def to_hf(compiled, check: bool = True) -> torch.nn.Module:
+    """The pruned model at module level (see ``CompiledModel.to_hf``)."""
+    from .module_apply import apply_plan_to_module
+
+    if compiled.source is not None:
+        small = apply_plan_to_module(compiled.source, compiled, check=check)
+        dense = getattr(compiled.source, "config", None)
+        if dense is not None and not _config_is_valid(type(small), small.config):
+            _restore_config(small, dense)  # the config cannot say these widths: the record will
+            if check:
+                from .module_apply import check_equal
+
+                check_equal(small, compiled.module, compiled.example_kwargs)
+            record_widths(small, compiled.plan, every_kind=True)
+        else:
+            record_widths(small, compiled.plan)
+        return small
+    if compiled.path is not None and has_hf_checkpoint(compiled.path):
+        return load_hf(compiled.path)
+    raise GraphpruneError(
+        "no module-level model to build: this CompiledModel was loaded from a folder without a Hugging Face "
+        "checkpoint (save it from a compile of a Hugging Face model)"
+    )
+
+
+def _config_is_valid(cls, config) -> bool:
+    """Whether transformers accepts the pruned config: its validation on save, and building the
+    model class from it (e.g. GPT-2 insists on a hidden size divisible by the head count)."""
+    try:
+        validate = getattr(config, "validate", None)
+        if validate is not None:
+            validate()
+        _shapes_from_config(cls, config)
+        return True
+    except Exception:
+        return False
+
+
+def _restore_config(small: torch.nn.Module, dense) -> None:
+    """Put the dense widths back into ``small``'s config (the same object its layers hold)."""
+    pruned, original = small.config.to_dict(), dense.to_dict()
+    for key, value in original.items():
+        if key in pruned and pruned[key] != value and isinstance(value, int) and not isinstance(value, bool):
+            setattr(small.config, key, value)
+
+
+def record_widths(small: torch.nn.Module, plan, every_kind: bool = False) -> None:
+    """Store in the config the parameter shapes its own widths do not give (per-layer widths).
+
+    ``every_kind``: the config holds the dense widths, so every pruned group's unit counts are
+    recorded (else only kinds whose widths differ between layers: the config has the others).
+    """
+    config = getattr(small, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    if hasattr(config, WIDTHS_KEY):
+        delattr(config, WIDTHS_KEY)
+    reference = _shapes_from_config(type(small), config)
+    actual = {n: tuple(p.shape) for n, p in small.state_dict().items()}
+    differ = {n: list(s) for n, s in actual.items() if reference.get(n) != s}
+    if not differ:
+        return  # the config says it all: a plain transformers checkpoint
+    per_kind: dict[str, set] = {}
+    for g in plan.groups:
+        per_kind.setdefault(g.kind, set()).add((len(g.keep), g.size))
+    uneven = set(per_kind) if every_kind else {k for k, pairs in per_kind.items() if len(pairs) > 1}
+    groups = [[g.name, g.kind, len(g.keep), g.size] for g in plan.groups if g.kind in uneven and len(g.keep) != g.size]
+    setattr(config, WIDTHS_KEY, {"version": WIDTHS_VERSION, "params": differ, "groups": groups})
+
+
+def _shapes_from_config(cls, config) -> dict[str, tuple]:
+    """Parameter shapes a model of ``cls`` built from ``config`` has (built on the meta device)."""
+    with torch.device("meta"):
+        model = _hf_call(lambda: cls(config), Path(cls.__name__))
+    return {n: tuple(p.shape) for n, p in model.state_dict().items()}
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Parameters are created on the meta device (no memory, no init); buffers stay real."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    state = {}
+    for name in files:
+        path = folder / name
+        if not path.exists():
+            raise LoadError(f"{path} is missing: the checkpoint is incomplete")
+        try:
+            state.update(load_file(str(path)))
+        except Exception as exc:  # safetensors raises its own error type on a cut file
+            raise LoadError(f"{path} is truncated or corrupt ({type(exc).__name__}: {str(exc)[:200]}); copy it again") from exc
+    return state
+
+
+def load_hf(folder: str | os.PathLike, dtype=None) -> torch.nn.Module:
+    """A pruned ``transformers`` model from ``folder``, per-layer widths restored.
+
+    Plain checkpoints (uniform widths) load with ``from_pretrained``; checkpoints with a
+    ``graphprune_widths`` record are built with the dense config, resized to the recorded shapes
+    and filled from the safetensors file. A checkpoint whose weights do not fit its config (another
+    model's weights), a cut file or a record of a newer format fails with a :class:`LoadError`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .module_apply import _fix_module_sizes, _fix_unit_attributes
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise LoadError(f"{folder} has no config.json: not a Hugging Face checkpoint")
+    dtype = resolve_dtype(dtype)
+    config = _hf_call(lambda: AutoConfig.from_pretrained(str(folder)), folder)
+    record = getattr(config, WIDTHS_KEY, None)
+    if record is None:
+        state = _read_safetensors(folder)  # a cut file fails here, with a clear message
+        del state
+        model = _hf_call(lambda: AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype), folder)
+        return model.eval()
+    if not isinstance(record, dict) or record.get("version", 0) > WIDTHS_VERSION:
+        raise LoadError(f"{folder / 'config.json'}: {WIDTHS_KEY} has format version {record.get('version') if isinstance(record, dict) else '?'}, "
+                        f"newer than this graphprune ({WIDTHS_VERSION}); upgrade graphprune")
+    with _parameters_on_meta():
+        model = _hf_call(lambda: AutoModelForCausalLM.from_config(config), folder)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, shape in record.get("params", {}).items():
+        if name not in params:
+            raise LoadError(f"{folder}: recorded width of {name!r}, which a {type(model).__name__} does not have")
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        module._parameters[leaf] = torch.nn.Parameter(torch.empty(shape, device="meta"), requires_grad=params[name].requires_grad)
+    _fix_module_sizes(model)
+    _fix_unit_attributes(model, SimpleNamespace(groups=[
+        SimpleNamespace(name=n, kind=k, keep=range(kept), size=total) for n, k, kept, total in record.get("groups", [])
+    ]))
+    state = _read_safetensors(folder)
+    _check_state_fits(model, state, folder)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise LoadError(f"{folder}: the checkpoint has no weights for {left[:3]}{' ...' if len(left) > 3 else ''}: it belongs to a different model")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def _check_state_fits(model: torch.nn.Module, state: dict, folder: Path) -> None:
+    expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise LoadError(f"{folder}: the checkpoint has weights a {type(model).__name__} of this config does not have "
+                        f"({', '.join(unexpected[:3])}): it belongs to a different model")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise LoadError(f"{folder}: {name} has shape {tuple(tensor.shape)} in the checkpoint, {expected[name]} in the "
+                            "config and width record: the checkpoint belongs to a different model")

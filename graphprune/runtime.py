@@ -1,0 +1,286 @@
+"""ONNX Runtime inference: a session on the best available device, and incremental generation.
+
+``OnnxSession.open(path)`` picks ``CUDAExecutionProvider`` when ONNX Runtime offers it (install
+``graphprune[gpu]`` for ``onnxruntime-gpu``) and the session really starts on it, else the CPU, and
+says which. ``generate(session, input_ids)`` decodes greedily or by sampling; with a model exported
+with ``cache=True`` it feeds each step's present key/values back as the next step's past (bound on
+the device with IO binding on CUDA, so the cache never travels through host memory).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import GraphpruneError
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+_LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def choose_provider(provider: str = "auto") -> tuple[str, str]:
+    """(provider, why): CUDA when ONNX Runtime was built with it, else CPU; or the one asked for."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider != "auto":
+        if provider not in available:
+            raise GraphpruneError(f"ONNX Runtime has no {provider} here (available: {', '.join(available)})")
+        return provider, "asked for"
+    if CUDA in available:
+        return CUDA, "CUDA provider available"
+    return CPU, "no CUDAExecutionProvider in this onnxruntime build (pip install 'graphprune[gpu]' for onnxruntime-gpu)"
+
+
+@dataclass
+class OnnxSession:
+    """An ONNX Runtime session plus what ``generate`` needs to know about the model's inputs."""
+
+    session: object  # onnxruntime.InferenceSession
+    provider: str
+    path: Path
+    reason: str = ""
+    input_types: dict = field(default_factory=dict)  # name -> numpy dtype
+    input_shapes: dict = field(default_factory=dict)  # name -> shape (ints for static dims)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, provider: str = "auto", *, optimization: str = "all",
+             threads: int | None = None, quiet: bool = False) -> "OnnxSession":
+        """Start a session on ``provider`` (``"auto"``: CUDA if possible, else CPU) and report the choice.
+
+        ``optimization``: ONNX Runtime graph optimisation level (``"none"``, ``"basic"``,
+        ``"extended"``, ``"all"``: constant folding, node fusions, layout changes).
+        ``threads``: intra-op threads (default: ONNX Runtime's choice).
+        """
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.exists():
+            raise GraphpruneError(f"no ONNX model at {path}")
+        if optimization not in _LEVELS:
+            raise GraphpruneError(f"optimization must be one of {list(_LEVELS)}, got {optimization!r}")
+        provider, reason = choose_provider(provider)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[optimization])
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = [provider] + ([CPU] if provider != CPU else [])
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:
+            raise GraphpruneError(f"ONNX Runtime could not load {path}: {str(exc).strip().splitlines()[0][:300]}") from exc
+        used = session.get_providers()[0]
+        if used != provider:  # e.g. onnxruntime-gpu without a usable CUDA device
+            reason = f"{provider} could not start; fell back"
+        out = cls(session, used, path, reason,
+                  {i.name: _NP_TYPES.get(i.type, np.float32) for i in session.get_inputs()},
+                  {i.name: list(i.shape) for i in session.get_inputs()})
+        if not quiet:
+            print(f"graphprune: ONNX Runtime runs {path.name} on {used} ({out.reason})", file=sys.stderr)
+        return out
+
+    # ------------------------------------------------------------ model facts
+    @property
+    def on_cuda(self) -> bool:
+        return self.provider == CUDA
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    @property
+    def has_cache(self) -> bool:
+        return any(n.startswith("past_key_values.") for n in self.input_types)
+
+    @property
+    def num_layers(self) -> int:
+        return sum(1 for n in self.input_types if n.startswith("past_key_values.") and n.endswith(".key"))
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        """Past key/values of length 0 for every layer (each with its own pruned head count)."""
+        out = {}
+        for name, shape in self.input_shapes.items():
+            if name.startswith("past_key_values."):
+                heads, head_dim = shape[1], shape[3]
+                if not isinstance(heads, int) or not isinstance(head_dim, int):
+                    raise GraphpruneError(f"{name} has no static head count/size in {self.path.name}: {shape}")
+                out[name] = np.zeros((batch, heads, 0, head_dim), dtype=self.input_types[name])
+        return out
+
+    def run(self, feeds: dict) -> dict[str, np.ndarray]:
+        """Run once on host arrays (torch tensors are converted); returns outputs by name."""
+        feeds = {k: _numpy(v, self.input_types.get(k)) for k, v in feeds.items() if k in self.input_types}
+        return dict(zip(self.output_names, self.session.run(None, feeds)))
+
+    def __call__(self, **feeds) -> dict[str, np.ndarray]:
+        return self.run(feeds)
+
+    def __repr__(self) -> str:
+        kind = f"KV cache, {self.num_layers} layers" if self.has_cache else "no KV cache"
+        return f"OnnxSession({self.path.name}, {self.provider}, {kind})"
+
+
+def _numpy(value, dtype=None) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    value = np.asarray(value)
+    return value.astype(dtype, copy=False) if dtype is not None else value
+
+
+# ================================================================ generation
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked: greedy (``do_sample=False``) or sampled with temperature/top-k/top-p."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature <= 0 or not (0 < self.top_p <= 1) or self.top_k < 0:
+            raise GraphpruneError(f"invalid sampling settings {self}: need temperature > 0, 0 < top_p <= 1, top_k >= 0")
+
+    def pick(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Next token per row of ``logits`` [batch, vocab]."""
+        if not self.do_sample:
+            return logits.argmax(-1)
+        z = logits.astype(np.float64) / self.temperature
+        if self.top_k:
+            kth = np.sort(z, axis=-1)[:, -min(self.top_k, z.shape[-1])][:, None]
+            z = np.where(z < kth, -np.inf, z)
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        if self.top_p < 1:
+            order = np.argsort(-p, axis=-1)
+            sorted_p = np.take_along_axis(p, order, -1)
+            drop = np.cumsum(sorted_p, -1) - sorted_p >= self.top_p  # keep the smallest set reaching top_p
+            sorted_p[drop] = 0
+            p = np.zeros_like(p)
+            np.put_along_axis(p, order, sorted_p, -1)
+            p /= p.sum(-1, keepdims=True)
+        return np.array([rng.choice(p.shape[-1], p=row) for row in p])
+
+
+def generate(
+    session: OnnxSession | str | os.PathLike,
+    input_ids,
+    max_new_tokens: int = 20,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    eos_token_id: int | None = None,
+    io_binding: bool | None = None,
+) -> torch.Tensor:
+    """Continue ``input_ids`` [batch, prompt] by up to ``max_new_tokens`` tokens; returns [batch, prompt + new].
+
+    Greedy by default; ``do_sample=True`` samples with ``temperature``, ``top_k``, ``top_p`` (seeded
+    by ``seed``). Rows that produced ``eos_token_id`` are padded with it; generation stops when
+    every row has. All prompts in a batch have the same length (no padding mask). A model exported
+    with ``cache=True`` decodes incrementally (prefill once, then one token per step); one without
+    a cache is re-run on the whole sequence at each step. ``io_binding`` (default: on CUDA) keeps
+    the cache on the device between steps.
+    """
+    if not isinstance(session, OnnxSession):
+        session = OnnxSession.open(session)
+    if max_new_tokens < 0:
+        raise GraphpruneError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    ids = _numpy(input_ids).astype(np.int64)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise GraphpruneError(f"input_ids must be [batch, prompt_len] with prompt_len >= 1, got shape {ids.shape}")
+    sampling = Sampling(do_sample, temperature, top_k, top_p)
+    rng = np.random.default_rng(seed)
+    if not session.has_cache:
+        warnings.warn(f"{session.path.name} has no KV-cache inputs: generate() re-runs the whole sequence at "
+                      "every step; export with cache=True for incremental decoding", stacklevel=2)
+        steps = _UncachedSteps(session, ids)
+    elif io_binding if io_binding is not None else session.on_cuda:
+        steps = _BoundSteps(session, ids)
+    else:
+        steps = _HostSteps(session, ids)
+    out = [ids]
+    done = np.zeros(ids.shape[0], dtype=bool)
+    logits = steps.step(None) if max_new_tokens else None
+    for i in range(max_new_tokens):
+        token = sampling.pick(logits, rng)
+        if eos_token_id is not None:
+            token = np.where(done, eos_token_id, token)
+            done |= token == eos_token_id
+        out.append(token[:, None].astype(np.int64))
+        if i + 1 == max_new_tokens or (eos_token_id is not None and done.all()):
+            break
+        logits = steps.step(out[-1])
+    return torch.from_numpy(np.concatenate(out, axis=1))
+
+
+class _UncachedSteps:
+    """No cache: the whole sequence is run again at each step."""
+
+    def __init__(self, session: OnnxSession, ids: np.ndarray):
+        self.session, self.ids = session, ids
+
+    def step(self, token: np.ndarray | None) -> np.ndarray:
+        """Next-token logits [batch, vocab] after appending ``token`` (None: the prompt)."""
+        if token is not None:
+            self.ids = np.concatenate([self.ids, token], 1)
+        out = self.session.run({"input_ids": self.ids})
+        return out.get("logits", next(iter(out.values())))[:, -1]  # a plain module's only output
+
+
+class _HostSteps:
+    """Cached decoding with host arrays: each step's presents become the next step's past."""
+
+    def __init__(self, session: OnnxSession, ids: np.ndarray):
+        self.session, self.feeds = session, {"input_ids": ids, **session.empty_past(ids.shape[0])}
+
+    def step(self, token: np.ndarray | None) -> np.ndarray:
+        if token is not None:
+            self.feeds["input_ids"] = token
+        out = self.session.run(self.feeds)
+        for name, value in out.items():
+            if name.startswith("present."):
+                self.feeds["past_key_values." + name[len("present."):]] = value
+        return out["logits"][:, -1]
+
+
+class _BoundSteps:
+    """Cached decoding with IO binding: the cache stays as OrtValues on the session's device."""
+
+    def __init__(self, session: OnnxSession, ids: np.ndarray):
+        import onnxruntime as ort
+
+        self.ort, self.session = ort, session
+        self.device = "cuda" if session.on_cuda else "cpu"
+        self.inputs = {"input_ids": self._value(ids)}
+        self.inputs.update({k: self._value(v) for k, v in session.empty_past(ids.shape[0]).items()})
+
+    def _value(self, array: np.ndarray):
+        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+    def step(self, token: np.ndarray | None) -> np.ndarray:
+        if token is not None:
+            self.inputs["input_ids"] = self._value(token)
+        binding = self.session.session.io_binding()
+        for name, value in self.inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        names = self.session.output_names
+        for name in names:
+            binding.bind_output(name, self.device)
+        self.session.session.run_with_iobinding(binding)
+        outputs = dict(zip(names, binding.get_outputs()))
+        for name, value in outputs.items():
+            if name.startswith("present."):
+                self.inputs["past_key_values." + name[len("present."):]] = value
+        return outputs["logits"].numpy()[:, -1]  # only the logits come back to the host

@@ -1,0 +1,294 @@
+"""ONNX export and ONNX Runtime inference: parity, KV-cache decoding, generation, errors, dtypes.
+
+The default run covers a GQA Llama and GPT-2 (Conv1D, learned positions), plus Phi-3 (fused qkv)
+with a KV cache; the whole decoder matrix runs under ``-m slow``.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import zoo
+from conftest import analysed, outputs
+
+import graphprune
+from graphprune.runtime import CPU, choose_provider
+
+DEFAULT_ARCHS = ["llama_gqa", "gpt2", "phi3"]  # KV-cache tests; parity runs on the first two by default
+DECODERS = sorted(n for n in zoo.ZOO if n != "bert")
+SLOW_ARCHS = [n for n in DECODERS if n not in DEFAULT_ARCHS]
+SHAPES = [(1, 4), (1, 11), (3, 4), (3, 11)]  # (batch, seq), all run on one exported file
+TOL = 1e-4
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(name: str, ratio: float = 0.5):
+    model, _, _ = analysed(name)
+    return graphprune.compile(model, ratio, example_kwargs=zoo.example_inputs(name), progress=False)
+
+
+@functools.lru_cache(maxsize=None)
+def session(path: str) -> graphprune.OnnxSession:
+    return graphprune.OnnxSession.open(path, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx")
+
+
+class Exports:
+    """Each (model, variant) exported once per module run and shared by the tests that read it."""
+
+    def __init__(self, folder):
+        self.folder, self.paths = folder, {}
+
+    def __call__(self, name: str, variant: str = "pruned", **options):
+        key = (name, variant, tuple(sorted(options.items())))
+        if key not in self.paths:
+            path = self.folder / f"{name}-{variant}-{len(self.paths)}.onnx"
+            if variant == "dense":  # any traced graph exports, not only compiled ones
+                self.paths[key] = graphprune.export_onnx(analysed(name)[1], path, **options)
+            else:
+                self.paths[key] = compiled(name).export_onnx(path, cache=variant == "kv", **options)
+        return self.paths[key]
+
+
+@pytest.fixture(scope="module")
+def exports(onnx_dir):
+    return Exports(onnx_dir)
+
+
+def _ids(name: str, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, zoo._vocab_size(name), (batch, seq), generator=gen)
+
+
+def _logits(module, ids: torch.Tensor) -> np.ndarray:
+    names = [n.name for n in module.graph.nodes if n.op == "placeholder"]
+    kwargs = {"input_ids": ids, **({"use_cache": False} if "use_cache" in names else {})}
+    with torch.no_grad():
+        return outputs(module(**kwargs))[0].numpy()
+
+
+def _torch_greedy(module, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Reference: greedy decoding with the pruned PyTorch graph, re-run on the whole sequence."""
+    for _ in range(n):
+        ids = torch.cat([ids, torch.from_numpy(_logits(module, ids)[:, -1].argmax(-1))[:, None]], 1)
+    return ids
+
+
+def _cached_logits(sess: graphprune.OnnxSession, ids: torch.Tensor, prompt: int) -> np.ndarray:
+    """Logits of every position: prefill ``prompt`` tokens, then feed the rest one at a time."""
+    feeds = {"input_ids": ids[:, :prompt].numpy(), **sess.empty_past(ids.shape[0])}
+    out = sess.run(feeds)
+    logits = [out["logits"]]
+    for i in range(prompt, ids.shape[1]):
+        feeds = {"input_ids": ids[:, i:i + 1].numpy()}
+        feeds.update({"past_key_values." + k[len("present."):]: v for k, v in out.items() if k.startswith("present.")})
+        out = sess.run(feeds)
+        logits.append(out["logits"])
+    return np.concatenate(logits, axis=1)
+
+
+# ================================================================ parity
+def check_parity(name: str, pruned: bool, exports) -> None:
+    if pruned:
+        module = compiled(name).module
+        assert compiled(name).report.achieved_ratio > 0.3
+    else:
+        module = analysed(name)[1].module
+    sess = session(str(exports(name, "pruned" if pruned else "dense")))
+    assert sess.provider == CPU and not sess.has_cache
+    for batch, seq in SHAPES:
+        ids = _ids(name, batch, seq)
+        got = sess.run({"input_ids": ids})["logits"]
+        want = _logits(module, ids)
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= TOL, (name, pruned, batch, seq)
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned50"])
+@pytest.mark.parametrize("name", DEFAULT_ARCHS[:2])
+def test_onnx_runtime_matches_pytorch(name, pruned, exports):
+    check_parity(name, pruned, exports)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned50"])
+@pytest.mark.parametrize("name", DEFAULT_ARCHS[2:] + SLOW_ARCHS + ["bert"] + sorted(zoo.HANDWRITTEN))
+def test_onnx_runtime_matches_pytorch_matrix(name, pruned, exports):
+    if name == "bert":  # encoder: its extra inputs are fed too
+        module = compiled(name).module if pruned else analysed(name)[1].module
+        kwargs = zoo.example_inputs(name, batch=3, seq=7)
+        got = session(str(exports(name, "pruned" if pruned else "dense"))).run(kwargs)["logits"]
+        with torch.no_grad():
+            want = outputs(module(**kwargs))[0].numpy()
+        assert np.abs(got - want).max() <= TOL
+        return
+    check_parity(name, pruned, exports)
+
+
+# ================================================================ KV cache
+def check_cache(name: str, exports) -> None:
+    small = compiled(name)
+    sess = session(str(exports(name, "kv")))
+    assert sess.has_cache and sess.num_layers == small.source.config.num_hidden_layers
+    ids = _ids(name, 2, 9, seed=1)
+    want = _logits(small.module, ids)  # the pruned graph without a cache
+    got = _cached_logits(sess, ids, prompt=5)
+    assert np.abs(got - want).max() <= TOL, name
+    prompt = ids[:, :4]
+    assert torch.equal(graphprune.generate(sess, prompt, 6), _torch_greedy(small.module, prompt, 6)), name
+
+
+@pytest.mark.parametrize("name", DEFAULT_ARCHS)
+def test_cached_decoding_equals_uncached_and_greedy_tokens_match(name, exports):
+    check_cache(name, exports)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW_ARCHS)
+def test_cached_decoding_matrix(name, exports):
+    check_cache(name, exports)
+
+
+def test_cache_has_pruned_head_counts_and_model_is_untouched():
+    model, _, _ = analysed("llama_gqa")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small = compiled("llama_gqa")
+    graph = graphprune.cached_graph(small)
+    kept = {g.name: len(g.keep) for g in small.plan.groups if g.kind == "heads"}
+    assert [h for h, _ in graph.layout.key_shapes] == [kept[f"model.layers.{i}.self_attn:heads"] for i in range(2)]
+    assert all(h < model.config.num_key_value_heads for h, _ in graph.layout.key_shapes)
+    ids = _ids("llama_gqa", 2, 6)
+    with torch.no_grad():
+        logits, past = graph(ids)
+    assert np.abs(logits.numpy() - _logits(small.module, ids)).max() <= 1e-5
+    assert [tuple(k.shape) for k, _ in past] == [(2, h, 6, d) for h, d in graph.layout.key_shapes]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_io_binding_and_sampling(exports):
+    sess = session(str(exports("llama_gqa", "kv")))
+    prompt = _ids("llama_gqa", 3, 5, seed=2)
+    greedy = graphprune.generate(sess, prompt, 8)
+    assert torch.equal(graphprune.generate(sess, prompt, 8, io_binding=True), greedy)
+    assert torch.equal(graphprune.generate(sess, prompt, 8, do_sample=True, top_k=1, seed=3), greedy)
+    a = graphprune.generate(sess, prompt, 8, do_sample=True, temperature=2.0, top_p=0.9, seed=7)
+    b = graphprune.generate(sess, prompt, 8, do_sample=True, temperature=2.0, top_p=0.9, seed=7, io_binding=True)
+    assert torch.equal(a, b) and a.shape == (3, 13) and int(a.max()) < zoo._vocab_size("llama_gqa")
+    assert not torch.equal(a, greedy)  # at temperature 2 over 128 tokens, 24 draws all equal to argmax is ~impossible
+    eos = int(greedy[0, 6])  # the first row emits this token at its 2nd new position
+    stopped = graphprune.generate(sess, prompt[:1], 8, eos_token_id=eos)
+    assert stopped.shape[1] <= 7 and int(stopped[0, -1]) == eos
+
+
+# ================================================================ errors, fallbacks
+@torch.library.custom_op("graphprune_test::scramble", mutates_args=())
+def scramble(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(-1) * 2
+
+
+@scramble.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class Scrambler(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(8, 16)
+        self.down = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(torch.ops.graphprune_test.scramble(self.up(x)))
+
+
+def test_unexportable_op_raises_export_error_naming_it_and_leaves_no_file(tmp_path):
+    target = tmp_path / "model.onnx"
+    with pytest.raises(graphprune.ExportError, match=r"graphprune_test\.scramble"):
+        graphprune.export_onnx(Scrambler(), target, example_kwargs={"x": torch.randn(2, 3, 8)})
+    assert list(tmp_path.iterdir()) == []  # no partial file, no temp folder
+    target.write_bytes(b"an earlier export")
+    with pytest.raises(graphprune.ExportError):
+        graphprune.export_onnx(Scrambler(), target, example_kwargs={"x": torch.randn(2, 3, 8)})
+    assert target.read_bytes() == b"an earlier export" and list(tmp_path.iterdir()) == [target]
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    with pytest.raises(graphprune.ExportError, match="example_kwargs"):
+        graphprune.export_onnx(nn.Linear(3, 3), tmp_path / "x.onnx")
+    with pytest.raises(graphprune.ExportError, match="bfloat16"):
+        graphprune.export_onnx(nn.Linear(3, 3), tmp_path / "x.onnx", dtype="bf16", example_kwargs={"input": torch.randn(2, 3)})
+    with pytest.raises(graphprune.GraphpruneError, match="no ONNX model"):
+        graphprune.OnnxSession.open(tmp_path / "missing.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_non_hf_model_has_no_cache_export_but_generates_uncached(onnx_dir):
+    small = compiled("fused_qkv_attn")
+    with pytest.raises(graphprune.ExportError, match="not a Hugging Face model.*without a cache"):
+        small.export_onnx(onnx_dir / "fused-kv.onnx", cache=True)
+    assert not (onnx_dir / "fused-kv.onnx").exists()
+    sess = session(str(small.export_onnx(onnx_dir / "fused.onnx")))
+    prompt = _ids("fused_qkv_attn", 2, 3)
+    with pytest.warns(UserWarning, match="no KV-cache inputs"):
+        out = graphprune.generate(sess, prompt, 4)
+    assert torch.equal(out, _torch_greedy(small.module, prompt, 4))
+
+
+def test_provider_choice_is_reported(capsys, exports):
+    provider, why = choose_provider()
+    import onnxruntime as ort
+
+    assert provider == ("CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() else CPU)
+    assert why
+    with pytest.raises(graphprune.GraphpruneError, match="NoSuchExecutionProvider"):
+        choose_provider("NoSuchExecutionProvider")
+    graphprune.OnnxSession.open(exports("gpt2"))
+    assert f"on {provider}" in capsys.readouterr().err
+
+
+# ================================================================ dtypes, external data
+def test_float16_export_runs_on_cpu_and_stays_close(exports):
+    small = compiled("llama_gqa")
+    p32, p16 = exports("llama_gqa"), exports("llama_gqa", dtype="float16")
+    assert _float_weight_bytes(p16) < 0.55 * _float_weight_bytes(p32)
+    ids = _ids("llama_gqa", 2, 7)
+    want = _logits(small.module, ids)
+    got = session(str(p16)).run({"input_ids": ids})["logits"]
+    assert got.dtype == np.float16
+    assert np.abs(got.astype(np.float32) - want).max() <= 1e-2 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.slow
+def test_float16_cached_export_generates(exports):
+    ids = _ids("llama_gqa", 2, 3)
+    kv16 = session(str(exports("llama_gqa", "kv", dtype="float16")))
+    assert kv16.empty_past(1)["past_key_values.0.key"].dtype == np.float16
+    assert graphprune.generate(kv16, ids, 3).shape == (2, 6)
+
+
+def _float_weight_bytes(path) -> int:
+    import onnx
+
+    model = onnx.load(str(path))
+    sizes = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2}
+    return sum(int(np.prod(t.dims)) * sizes[t.data_type] for t in model.graph.initializer if t.data_type in sizes)
+
+
+def test_external_data_is_written_atomically_and_cleaned_up(tmp_path):
+    small = compiled("gpt2")
+    target = tmp_path / "m.onnx"
+    small.export_onnx(target, external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    ids = _ids("gpt2", 2, 5)
+    ort_out = graphprune.OnnxSession.open(target, quiet=True).run({"input_ids": ids})["logits"]
+    assert np.abs(ort_out - _logits(small.module, ids)).max() <= TOL
+    small.export_onnx(target)  # weights inline now: the stale side file goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
