@@ -32,7 +32,6 @@ and removing them would change the model.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

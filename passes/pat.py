@@ -22,7 +22,9 @@ its weights, and handed to the rewrite with ``ctx.update_weight``; the returned 
 with the kept channels lifted above the rest, so the plan removes exactly the masked channels.
 The pruned model then equals the trained HSM graph under the binary mask (the rewrite keeps the
 RMSNorm divisors of the full hidden size). LayerNorm models are refused
-(:func:`graphprune.hsm.check_supported`).
+(:func:`graphprune.hsm.check_supported`), and so is any model where that equality fails on a
+calibration batch (:func:`graphprune.hsm.merge_error`, checked before training with a probe mask and
+again after it; e.g. MoE experts that write into the stream through stacked-weight ops).
 
 ``mask_lr`` (default: ``lr``) gives ``z`` its own step size: ``z = (mask_lr / lr)·u`` with ``u``
 trained, which under Adam moves ``z`` by about ``mask_lr`` per step (gradient clipping is shared).
