@@ -92,15 +92,22 @@ def check(name: str) -> dict:
     try:
         compiled.to_hf()
         row["module"], row["module_why"] = True, ""
-    except graphprune.GraphpruneError as exc:
+    except Exception as exc:  # GraphpruneError, or a model-specific failure: recorded, not fatal
         row["module"], row["module_why"] = False, str(exc).split(":")[0][:80]
     row["hf_round_trip"] = None  # not a transformers model
     if row["module"] and is_hf_model(model):
         with tempfile.TemporaryDirectory() as tmp:
-            compiled.save(tmp, hf=True, plot=False)
-            again = graphprune.load_hf(tmp)
-            with torch.no_grad():
-                row["hf_round_trip"] = _max_rel(again(**kwargs), compiled.module(**kwargs)) <= 1e-4
+            compiled.save(tmp, plot=False)
+            hf = json.loads((Path(tmp) / "graphprune.json").read_text())["hf"]
+            if not hf["saved"]:
+                row["hf_round_trip"], row["module_why"] = False, "no checkpoint: " + hf["reason"].split(":")[0][:80]
+            else:
+                try:
+                    again = graphprune.load_hf(tmp)
+                    with torch.no_grad():
+                        row["hf_round_trip"] = _max_rel(again(**kwargs), compiled.module(**kwargs)) <= 1e-4
+                except Exception as exc:  # e.g. a kernel that rejects the pruned widths after reloading
+                    row["hf_round_trip"], row["module_why"] = False, f"reloaded model fails: {type(exc).__name__}: {str(exc)[:60]}"
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
 
@@ -117,6 +124,8 @@ def table(rows: list[dict]) -> str:
         module = "yes" if r["module"] else f"no ({r['module_why']})"
         if r.get("hf_round_trip") is not None:
             module += ", saved and reloaded: " + mark[r["hf_round_trip"]]
+            if r["module"] and not r["hf_round_trip"] and r["module_why"]:
+                module += f" ({r['module_why']})"
         lines.append(f"| {r['arch']} | {r['class']} | {groups} | {mark[r['keep_all']]} | {mark[r['masked']]} | "
                      f"{mark[r['compile']]} ({r['achieved']:.0%}) | {module} |")
     return "\n".join(lines)

@@ -20,11 +20,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
 from graphprune.evaluate import LogitsRunner, load_task, score_questions  # noqa: E402
 from graphprune.evaluate.zeroshot import TASKS, encode_pair, loglikelihoods  # noqa: E402
+from graphprune.io import load_model  # noqa: E402
 
 YAML = """task: gp_{name}
 dataset_path: json
@@ -61,7 +59,8 @@ def write_tasks(folder: Path, tasks, limit: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(Path(__file__).resolve().parents[2] / "shared/data/models/stories260K"))
+    parser.add_argument("--model", default=str(Path(__file__).resolve().parents[2] / "shared/data/models/stories260K"),
+                        help="a Hugging Face folder or a .gguf file")
     parser.add_argument("--limit", type=int, default=50, help="questions per task")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--add-bos", action="store_true", help="prepend BOS (lm-eval: add_bos_token=True)")
@@ -72,8 +71,8 @@ def main() -> None:
     from lm_eval.tasks import TaskManager
 
     tasks = args.tasks.split(",")
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(args.model)
+    loaded = load_model(args.model)  # a Hugging Face folder or a .gguf file
+    model, tok = loaded.model, loaded.tokenizer()
     report = {"model": args.model, "limit": args.limit, "add_bos": args.add_bos, "lm_eval": lm_eval.__version__, "tasks": {}}
     with tempfile.TemporaryDirectory() as tmp:
         write_tasks(Path(tmp), tasks, args.limit)

@@ -217,23 +217,37 @@ def plot_widths(results: list[dict], path: Path) -> Path | None:
         return None
     kinds = sorted({k for r in done for row in r["per_layer"] for k in row if k != "block"})
     ratios = sorted({r["ratio"] for r in done})
+    methods = list(dict.fromkeys(r["method"] for r in done))
+    n_layers = max(sum(row["block"] != "(global)" for row in r["per_layer"]) for r in done) or 1
     fig, axes = plt.subplots(len(kinds), len(ratios), figsize=(5.5 * len(ratios), 2.8 * len(kinds) + 0.5), squeeze=False)
     for i, kind in enumerate(kinds):
         for j, ratio in enumerate(ratios):
             ax = axes[i][j]
             for n, r in enumerate(r for r in done if r["ratio"] == ratio):
-                layers = [row for row in r["per_layer"] if kind in row and row["block"] != "(global)"]
-                if layers:  # uniform allocations overlap: line styles tell them apart
-                    ax.plot(range(len(layers)), [row[kind][0] / row[kind][1] for row in layers], label=r["method"],
-                            marker="o^sDvx"[n % 6], markersize=3, linestyle=("-", "--", ":", "-.")[n % 4])
-                    ax.xaxis.get_major_locator().set_params(integer=True)
+                blocks = [row for row in r["per_layer"] if row["block"] != "(global)"]
+                layers = [row for row in blocks if kind in row]
+                shared = [row[kind] for row in r["per_layer"] if row["block"] == "(global)" and kind in row]
+                if layers:
+                    fractions = [row[kind][0] / row[kind][1] for row in layers]
+                elif shared:  # one width for every layer (the hidden size)
+                    fractions = [shared[0][0] / shared[0][1]] * n_layers
+                else:
+                    continue
+                # uniform allocations overlap: line styles tell them apart
+                ax.plot(range(len(fractions)), fractions, label=r["method"], marker="o^sDvx"[n % 6], markersize=3,
+                        linestyle=("-", "--", ":", "-.")[n % 4], color=f"C{methods.index(r['method'])}")
+                ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_title(f"{kind}, ratio {ratio:.0%}", fontsize=9)
             ax.set_ylim(0, 1.05)
             ax.set_xlabel("layer", fontsize=8)
             ax.set_ylabel("kept fraction", fontsize=8)
             ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), fontsize=8, loc="upper center", ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)

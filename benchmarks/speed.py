@@ -90,7 +90,8 @@ def _build(model_name: str, device: str):
         torch.manual_seed(0)
         config = transformers.LlamaConfig(**shape, use_cache=False, attn_implementation="sdpa")
         model = transformers.LlamaForCausalLM(config)
-    return model.float().eval().to(device)
+    # a GGUF model counts as "quantized" to transformers and refuses .float(); it is float32 already
+    return model.eval().to(device)
 
 
 def _median_time(fn, repeats: int, sync) -> float:

@@ -278,7 +278,6 @@ def cmd_compile(args) -> int:
     import dataclasses
 
     from . import api
-    from .analysis import DEFAULT_KINDS
     from .io import load_model
     from .plan import PruningPlan, atomic_write_text
 
@@ -307,7 +306,7 @@ def cmd_compile(args) -> int:
     seconds["load"] = time.perf_counter() - t0
     plan = PruningPlan.load(args.plan) if args.plan else None
     compiled = api.compile(
-        model, args.ratio, args.method, kinds=tuple(args.kinds) if args.kinds else DEFAULT_KINDS,
+        model, args.ratio, args.method, kinds=tuple(args.kinds) if args.kinds else None,  # None: the method's own default kinds
         allocation=args.allocation, round_to=args.round_to, ignore=tuple(args.ignore), calib=calib,
         tokenizer=tokenizer, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, plan=plan,
         example_kwargs=loaded.example_kwargs, strict=args.strict, progress=_progress(args), **options,

@@ -194,7 +194,9 @@ def _write_hf(compiled, folder: Path, hf) -> dict | None:
         return None
     try:
         small = to_hf(compiled)
-        small.save_pretrained(str(folder))
+        if getattr(small, "_graphprune_unsaveable", None):
+            raise ModuleApplyError(small._graphprune_unsaveable)
+        small.save_pretrained(str(folder), save_original_format=False)  # keys as the modules name them
     except Exception as exc:  # "auto": the graph artefacts are still worth saving
         if hf is True:
             raise
@@ -330,14 +332,20 @@ def to_hf(compiled, check: bool = True) -> torch.nn.Module:
     if compiled.source is not None:
         small = apply_plan_to_module(compiled.source, compiled, check=check)
         dense = getattr(compiled.source, "config", None)
-        if dense is not None and not _config_is_valid(type(small), small.config):
-            _restore_config(small, dense)  # the config cannot say these widths: the record will
-            if check:
-                from .module_apply import check_equal
+        if dense is not None and hasattr(dense, "to_dict") and not _config_says_it_all(type(small), small):
+            # per-layer widths, or widths the config class cannot express (or would derive other
+            # sizes from, e.g. head_dim = hidden / heads): dense config + a record of the widths
+            from .module_apply import ModuleApplyError, check_equal
 
+            _restore_config(small, dense)
+            try:
                 check_equal(small, compiled.module, compiled.example_kwargs)
-            record_widths(small, compiled.plan, every_kind=True)
-        else:
+            except ModuleApplyError as exc:  # its forward reads the widths from the config at run time
+                small = apply_plan_to_module(compiled.source, compiled, check=check)
+                small._graphprune_unsaveable = (
+                    "the model reads its widths from the config at run time, and its config class cannot hold "
+                    f"these widths: usable in this session, not as a transformers checkpoint ({exc})")
+                return small
             record_widths(small, compiled.plan)
         return small
     if compiled.path is not None and has_hf_checkpoint(compiled.path):
@@ -348,33 +356,37 @@ def to_hf(compiled, check: bool = True) -> torch.nn.Module:
     )
 
 
-def _config_is_valid(cls, config) -> bool:
-    """Whether transformers accepts the pruned config: its validation on save, and building the
-    model class from it (e.g. GPT-2 insists on a hidden size divisible by the head count)."""
+def _config_says_it_all(cls, small: torch.nn.Module) -> bool:
+    """Whether a model built from the pruned config alone has exactly ``small``'s shapes (then a
+    plain checkpoint loads with ``from_pretrained``). transformers validates configs on save and
+    some classes check sizes when built (GPT-2: hidden size divisible by the head count)."""
+    config = small.config
+    if hasattr(config, WIDTHS_KEY):
+        delattr(config, WIDTHS_KEY)
     try:
         validate = getattr(config, "validate", None)
         if validate is not None:
             validate()
-        _shapes_from_config(cls, config)
-        return True
+        reference = _shapes_from_config(cls, config)
     except Exception:
         return False
+    return reference == {n: tuple(p.shape) for n, p in small.state_dict().items()}
 
 
 def _restore_config(small: torch.nn.Module, dense) -> None:
     """Put the dense widths back into ``small``'s config (the same object its layers hold)."""
     pruned, original = small.config.to_dict(), dense.to_dict()
     for key, value in original.items():
-        if key in pruned and pruned[key] != value and isinstance(value, int) and not isinstance(value, bool):
+        if key in pruned and pruned[key] != value and (value is None or (isinstance(value, int) and not isinstance(value, bool))):
             setattr(small.config, key, value)
+    for key in set(pruned) - set(original) - {WIDTHS_KEY}:
+        if getattr(dense, key, "absent") is None and hasattr(small.config, key):
+            setattr(small.config, key, None)  # e.g. head_dim set on a config that derives it
 
 
-def record_widths(small: torch.nn.Module, plan, every_kind: bool = False) -> None:
-    """Store in the config the parameter shapes its own widths do not give (per-layer widths).
-
-    ``every_kind``: the config holds the dense widths, so every pruned group's unit counts are
-    recorded (else only kinds whose widths differ between layers: the config has the others).
-    """
+def record_widths(small: torch.nn.Module, plan) -> None:
+    """Store in the (dense) config the parameter shapes it does not give, and the unit counts of
+    every pruned group: what ``load_hf`` needs to rebuild the pruned modules from the dense ones."""
     config = getattr(small, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
@@ -385,11 +397,7 @@ def record_widths(small: torch.nn.Module, plan, every_kind: bool = False) -> Non
     differ = {n: list(s) for n, s in actual.items() if reference.get(n) != s}
     if not differ:
         return  # the config says it all: a plain transformers checkpoint
-    per_kind: dict[str, set] = {}
-    for g in plan.groups:
-        per_kind.setdefault(g.kind, set()).add((len(g.keep), g.size))
-    uneven = set(per_kind) if every_kind else {k for k, pairs in per_kind.items() if len(pairs) > 1}
-    groups = [[g.name, g.kind, len(g.keep), g.size] for g in plan.groups if g.kind in uneven and len(g.keep) != g.size]
+    groups = [[g.name, g.kind, len(g.keep), g.size] for g in plan.groups if len(g.keep) != g.size]
     setattr(config, WIDTHS_KEY, {"version": WIDTHS_VERSION, "params": differ, "groups": groups})
 
 
@@ -490,7 +498,8 @@ def _check_state_fits(model: torch.nn.Module, state: dict, folder: Path) -> None
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise LoadError(f"{folder}: the checkpoint has weights a {type(model).__name__} of this config does not have "
-                        f"({', '.join(unexpected[:3])}): it belongs to a different model")
+                        f"({', '.join(unexpected[:3])}): it belongs to a different model, or was written by "
+                        "save_pretrained in transformers' original key format (use save_original_format=False)")
     for name, tensor in state.items():
         if tuple(tensor.shape) != expected[name]:
             raise LoadError(f"{folder}: {name} has shape {tuple(tensor.shape)} in the checkpoint, {expected[name]} in the "

@@ -14,6 +14,15 @@ from graphprune.evaluate import TASKS, LogitsRunner, Question, load_task, perple
 from graphprune.evaluate.zeroshot import encode_pair, loglikelihoods
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread; two threads crawl on a busy shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def stories(stories_dir):
     model = transformers.AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()

@@ -16,6 +16,15 @@ from graphprune.finetune import IGNORE, alpaca_prompt, finetune, make_batches, r
 from graphprune.train import logits_of
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread; two threads crawl on a busy shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def nll(model, ids: torch.Tensor) -> float:
     with torch.no_grad():
         logits = logits_of(model(input_ids=ids, use_cache=False))
