@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import torch
 
 from .errors import GraphpruneError, LoadError
+from .trace import dynamic_shapes_for
 
 WIDTHS_KEY = "graphprune_widths"  # config.json entry holding per-layer widths
 WIDTHS_VERSION = 1
@@ -291,23 +292,6 @@ def after_load(compiled, folder: Path, manifest: dict) -> None:
         compiled.dynamic_shapes = dynamic_shapes_for(compiled.example_kwargs, compiled.config)
     if _has_tokenizer(folder):
         compiled.config = {**(compiled.config or {}), "_name_or_path": str(folder)}
-
-
-def dynamic_shapes_for(example_kwargs: dict, config: dict | None) -> dict:
-    """Dims 0 (batch) and 1 (sequence, up to the model's position limit) of every tensor input."""
-    from torch.export import Dim
-
-    limit = (config or {}).get("max_position_embeddings") or (config or {}).get("n_positions")
-    batch, seq = Dim("batch"), (Dim("seq", max=limit) if isinstance(limit, int) and limit > 2 else Dim("seq"))
-    shapes = {}
-    for name, value in example_kwargs.items():
-        if isinstance(value, torch.Tensor) and value.dim() >= 2:
-            shapes[name] = {0: batch, 1: seq}
-        elif isinstance(value, torch.Tensor) and value.dim() == 1:
-            shapes[name] = {0: batch}
-        else:
-            shapes[name] = None
-    return shapes
 
 
 # ================================================================ the Hugging Face round trip

@@ -51,14 +51,15 @@ def hf_example_kwargs(model: torch.nn.Module, batch: int = 2, seq: int = 16) -> 
 
 
 def _dynamic_shapes(model: torch.nn.Module, kwargs: dict) -> dict:
-    """Batch (dim 0) and sequence (dim 1) of every tensor input are dynamic."""
-    max_seq = None
-    if is_hf_model(model):
-        max_seq = getattr(model.config, "max_position_embeddings", None)
-    batch = Dim("batch")
-    seq = Dim("seq", max=max_seq) if max_seq else Dim("seq")
+    return dynamic_shapes_for(kwargs, model.config.to_dict() if is_hf_model(model) else None)
+
+
+def dynamic_shapes_for(example_kwargs: dict, config: dict | None) -> dict:
+    """Dims 0 (batch) and 1 (sequence, up to the model's position limit) of every tensor input are dynamic."""
+    limit = (config or {}).get("max_position_embeddings") or (config or {}).get("n_positions")
+    batch, seq = Dim("batch"), (Dim("seq", max=limit) if isinstance(limit, int) and limit > 2 else Dim("seq"))
     shapes = {}
-    for name, value in kwargs.items():
+    for name, value in example_kwargs.items():
         if isinstance(value, torch.Tensor) and value.dim() >= 2:
             shapes[name] = {0: batch, 1: seq}
         elif isinstance(value, torch.Tensor) and value.dim() == 1:
