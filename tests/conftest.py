@@ -40,3 +40,12 @@ def stories_dir() -> Path:
     if not STORIES.exists():
         pytest.fail(f"shipped model missing: {STORIES} (is ../shared beside the repo?)")
     return STORIES
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; several threads crawl on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,15 +13,6 @@ HIDDEN = 16
 USELESS = {0: list(range(0, HIDDEN, 4)), 1: list(range(1, HIDDEN, 4))}  # a quarter of each layer's channels
 
 
-@pytest.fixture
-def one_thread():
-    """The search is thousands of tiny forwards: one thread avoids oversubscribing a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def planted_model():
     """TinyMLPLM whose planted channels write nothing (zero input rows); the others are made strong."""
     import zoo

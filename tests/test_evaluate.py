@@ -14,13 +14,7 @@ from graphprune.evaluate import TASKS, LogitsRunner, Question, load_task, perple
 from graphprune.evaluate.zeroshot import encode_pair, loglikelihoods
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread; two threads crawl on a busy shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (see conftest)
 
 
 @pytest.fixture(scope="module")

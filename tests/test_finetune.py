@@ -16,13 +16,7 @@ from graphprune.finetune import IGNORE, alpaca_prompt, finetune, make_batches, r
 from graphprune.train import logits_of
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread; two threads crawl on a busy shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (see conftest)
 
 
 def nll(model, ids: torch.Tensor) -> float:

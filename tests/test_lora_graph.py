@@ -15,13 +15,7 @@ from graphprune.train import TrainConfig, causal_lm_loss, train
 FORMS = ["llama_gqa", "gpt2", "falcon", "qwen2_moe"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (see conftest)
 
 
 def _logits(module, kwargs):

@@ -12,13 +12,7 @@ from graphprune.module_apply import ModuleApplyError, apply_plan_to_module
 from graphprune.plan import PlanGroup, PruningPlan, fill_counts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread; two threads crawl on a busy shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (see conftest)
 
 
 def random_plan(dg, kinds, seed: int, keep_fraction: float = 0.5) -> PruningPlan:

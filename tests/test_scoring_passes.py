@@ -23,13 +23,7 @@ METHODS = {"taylor": {}, "hywia": {}, "loraprune": FAST_LORAPRUNE}
 REPRESENTATIVE = ["llama_gqa", "gpt2", "qwen2_moe", "falcon", "opt"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (see conftest)
 
 
 def calib_ids(name: str, n: int = 4, seq: int = 12, seed: int = 0) -> torch.Tensor:
