@@ -203,7 +203,7 @@ def _speedups(rows: list[dict]) -> None:
 
 
 def _why_slow(metric: str, row: dict) -> str:
-    if metric.startswith("decode_b1"):
+    if metric.startswith("decode_b1_"):
         return ("batch-1 decode reads every weight once per token: it is bound by memory bandwidth and per-op "
                 "overheads (about 10 ops per layer regardless of width), not by arithmetic")
     if metric.startswith("decode"):
