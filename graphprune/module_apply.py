@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 
 from .analysis.walk import fetch_attr
 from .errors import GraphpruneError
+from .rewrite import _set_tensor as _set
 
 # attributes of a module named "<path>:<kind>" that count units of that kind (scaled by kept/total)
 _HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "num_kv_heads", "n_kv_heads")
@@ -122,19 +123,6 @@ def _get(root: torch.nn.Module, target: str):
         return None
     value = getattr(owner, attr, None)
     return value if isinstance(value, torch.Tensor) else None
-
-
-def _set(root: torch.nn.Module, target: str, value: torch.Tensor) -> None:
-    *path, attr = target.split(".")
-    owner = root.get_submodule(".".join(path)) if path else root
-    if attr in owner._parameters:
-        owner._parameters[attr] = value
-    elif attr in owner._buffers:
-        owner._buffers[attr] = value
-    else:
-        setattr(owner, attr, value)
-
-
 def _fix_module_sizes(small: torch.nn.Module) -> None:
     """Size attributes of standard layers follow their (sliced) weights."""
     for module in small.modules():
