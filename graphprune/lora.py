@@ -175,12 +175,14 @@ def _rewire(graph: fx.Graph, getter: fx.Node, a_name: str, b_name: str, scale: f
         user.replace_input_with(getter, merged)
 
 
-def merged_weights(lora: LoraGraph) -> dict[str, torch.Tensor]:
-    """``{weight name: W0 + s·B·A}`` for every adapted weight (detached, in the weight's dtype)."""
-    out = {}
+def merged_weight(lora: LoraGraph, name: str) -> torch.Tensor:
+    """``W0 + s·B·A`` for the adapted weight ``name`` (detached, in the weight's dtype)."""
     with torch.no_grad():
-        for name in lora.adapters:
-            a, b = lora.factors(name)
-            base = lora.base(name)
-            out[name] = (base.float() + lora.scale * torch.matmul(b.float(), a.float())).to(base.dtype)
-    return out
+        a, b = lora.factors(name)
+        base = lora.base(name)
+        return (base.float() + lora.scale * torch.matmul(b.float(), a.float())).to(base.dtype)
+
+
+def merged_weights(lora: LoraGraph) -> dict[str, torch.Tensor]:
+    """``{weight name: W0 + s·B·A}`` for every adapted weight."""
+    return {name: merged_weight(lora, name) for name in lora.adapters}

@@ -8,7 +8,6 @@ group, float, shape ``[units]``) that callers can overwrite between calls.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -49,12 +48,16 @@ class MaskedModel:
 def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None, weights: dict[str, torch.Tensor] | None = None) -> MaskedModel:
     """Copy ``dg.gm`` and multiply every value carrying one of ``groups`` by that group's mask.
 
-    ``weights`` replaces parameters of the copy first (as in :func:`graphprune.rewrite`).
+    ``weights`` replaces parameters of the copy first (as in :func:`graphprune.rewrite`). The
+    copy shares the other weights' storage with ``dg.gm``, read-only (``requires_grad=False``):
+    the masks are what callers change or train, and a model-sized copy per search would not fit
+    large models.
     """
+    from .lora import frozen_copy
     from .rewrite import set_weights
 
     groups = dg.groups if groups is None else groups
-    gm = copy.deepcopy(dg.gm)
+    gm = frozen_copy(dg.gm)
     set_weights(gm, dg, weights)
     graph, table = gm.graph, dg.table
     buffers: dict[str, str] = {}

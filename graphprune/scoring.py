@@ -1,7 +1,7 @@
 """``score``: run a scoring pass over the groups of a dependency graph."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +13,31 @@ from .errors import GraphpruneError
 from .registry import ScoringPass, get_pass
 
 
+class WeightUpdates(Mapping):
+    """New values of weights a pass changed, by parameter name.
+
+    A value is a tensor or a function returning one, called each time the weight is read: the
+    rewrite reads each weight once, so a pass can hand over a weight it computes cheaply from
+    state it keeps anyway (LoRAPrune's ``W0 + s·B·A``) without a second copy of the model.
+    """
+
+    def __init__(self, items=None):
+        self._items = dict(items._items if isinstance(items, WeightUpdates) else (items or {}))
+
+    def set(self, name: str, value) -> None:
+        self._items[name] = value
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = self._items[name]
+        return value() if callable(value) else value
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 @dataclass
 class ScoringContext:
     """What a pass sees: the graph, the groups to score, and calibration data when given."""
@@ -21,7 +46,7 @@ class ScoringContext:
     groups: list[Group]
     calib: object = None
     progress: bool = False
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # new values set by the pass
+    weights: WeightUpdates = field(default_factory=WeightUpdates)  # new values set by the pass
     # calibration options (``calib`` becomes a ``graphprune.data.Calibration`` with these)
     tokenizer: object = None
     n_samples: int = 16
@@ -45,14 +70,22 @@ class ScoringContext:
         """A weight as the pass sees it: its updated value when the pass has set one."""
         return self.weights[name] if name in self.weights else fetch_attr(self.dg.gm, name)
 
-    def update_weight(self, name: str, value: torch.Tensor) -> None:
-        """Give parameter ``name`` a new value (e.g. merged LoRA); the rewrite starts from it."""
+    def update_weight(self, name: str, value) -> None:
+        """Give parameter ``name`` a new value (e.g. merged LoRA); the rewrite starts from it.
+
+        ``value`` is a tensor, or a function returning one (computed when the weight is read,
+        see :class:`WeightUpdates`); either must have the parameter's shape.
+        """
         if name not in self.dg.params:
             raise GraphpruneError(f"update_weight: {name!r} is not a parameter of the traced graph")
         old = fetch_attr(self.dg.gm, name)
-        if tuple(value.shape) != tuple(old.shape):
-            raise GraphpruneError(f"update_weight: {name!r} has shape {tuple(old.shape)}, not {tuple(value.shape)}")
-        self.weights[name] = value.detach().to(dtype=old.dtype, device=old.device)
+
+        def checked(v: torch.Tensor) -> torch.Tensor:
+            if tuple(v.shape) != tuple(old.shape):
+                raise GraphpruneError(f"update_weight: {name!r} has shape {tuple(old.shape)}, not {tuple(v.shape)}")
+            return v.detach().to(dtype=old.dtype, device=old.device)
+
+        self.weights.set(name, (lambda: checked(value())) if callable(value) else checked(value))
 
     def calibration(self):
         """``calib`` as a :class:`graphprune.data.Calibration` (built once, then cached)."""
@@ -144,7 +177,7 @@ class Scores(dict):
 
     def __init__(self, scores=(), weights=None, info=None):
         super().__init__(scores)
-        self.weights: dict[str, torch.Tensor] = dict(weights or {})
+        self.weights = WeightUpdates(weights)
         self.info: dict = dict(info or {})
 
 

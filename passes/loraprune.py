@@ -28,6 +28,8 @@ first 10% of layers and the last layer unpruned: pass ``ignore=`` to ``compile``
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +37,7 @@ import torch.fx as fx
 
 from graphprune.analysis.walk import fetch_attr
 from graphprune.errors import GraphpruneError
-from graphprune.lora import LoraGraph, add_lora, frozen_copy, merged_weights
+from graphprune.lora import LoraGraph, add_lora, frozen_copy, merged_weight
 from graphprune.registry import ScoringPass, register_pass
 from graphprune.train import TrainConfig, causal_lm_loss, train
 
@@ -301,8 +303,9 @@ class LoRAPrune(ScoringPass):
             self.pruned[pg.name] = ~keep
             self.masks.set(pg.name, keep)
         self.history.append({"step": c.steps, "ratio": ctx.ratio, "pruned": int(sum(v.sum() for v in self.pruned.values()))})
-        for name, value in merged_weights(lora).items():
-            ctx.update_weight(name, value)
+        # merged when the rewrite reads each weight: no second copy of the adapted weights here
+        for name in lora.adapters:
+            ctx.update_weight(name, functools.partial(merged_weight, lora, name))
         ctx.info["loraprune"] = {
             "steps": result.steps, "first_loss": result.losses[0], "last_loss": result.losses[-1],
             "adapters": len(lora.adapters), "mask_updates": list(self.history), "regrown_at_end": regrown,

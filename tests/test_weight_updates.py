@@ -48,3 +48,35 @@ def test_update_weight_checks_name_and_shape():
         ctx.update_weight(name, torch.zeros(1))
     with pytest.raises(graphprune.GraphpruneError, match="not a parameter"):
         ctx.update_weight("nope.weight", torch.zeros(1))
+
+
+def test_deferred_weight_is_computed_when_read_and_checked():
+    _, _, dg = analysed("llama_gqa")
+    ctx = graphprune.ScoringContext(dg, dg.groups)
+    name = next(n for n in dg.params if n.endswith("down_proj.weight"))
+    calls = []
+
+    def doubled():
+        calls.append(1)
+        return ctx.dg.gm.get_parameter(name) * 2
+
+    ctx.update_weight(name, doubled)
+    assert calls == []  # nothing computed until the weight is read
+    scores = graphprune.Scores({}, ctx.weights)
+    assert torch.equal(scores.weights[name], 2 * dg.gm.get_parameter(name))
+    assert len(calls) == 1 and list(scores.weights) == [name]
+    ctx.update_weight(name, lambda: torch.zeros(3))  # a wrong shape is caught when it is read
+    with pytest.raises(graphprune.GraphpruneError, match="shape"):
+        ctx.weights[name]
+
+
+def test_masked_copy_shares_the_weights_read_only():
+    _, _, dg = analysed("llama_gqa")
+    masked = graphprune.insert_masks(dg)
+    name = next(n for n in dg.params if n.endswith("down_proj.weight"))
+    theirs, mine = dg.gm.get_parameter(name), masked.module.get_parameter(name)
+    assert mine.data_ptr() == theirs.data_ptr() and not mine.requires_grad
+    new = torch.ones_like(theirs)
+    other = graphprune.insert_masks(dg, weights={name: new})  # given weights are the copy's own
+    assert torch.equal(other.module.get_parameter(name), new)
+    assert not torch.equal(dg.gm.get_parameter(name), new)
