@@ -55,10 +55,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _memory import lifetime_peak_rss_mib, rss_mib
+from _models import FETCH_SMOLLM2, SMOLLM2_DIR, SMOLLM2_GGUF
+
 REPO = Path(__file__).resolve().parents[1]
-FETCH_SCRIPT = REPO.parent / "shared" / "data" / "fetch_smollm2.sh"
-SMOLLM2_DIR = Path.home() / ".cache" / "graphprune" / "smollm2-135m"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 JSON_PATH = REPO / "docs" / "compile_time.json"
 DOC_PATH = REPO / "docs" / "performance.md"
 COMMAND = "python benchmarks/compile_time.py"
@@ -84,18 +84,6 @@ LLAMA_SHAPES = {
 
 
 # ================================================================ one case (runs in a subprocess)
-def _current_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _load_case(name: str):
     """Build the model of case ``name``: (model, facts about it)."""
     import torch
@@ -125,12 +113,12 @@ def run_case(name: str) -> dict:
 
     import graphprune
 
-    out: dict = {"case": name, "rss_baseline_mib": _current_rss_mib()}
+    out: dict = {"case": name, "rss_baseline_mib": rss_mib()}
     t0 = time.perf_counter()
     model, facts = _load_case(name)
     out["load_s"] = time.perf_counter() - t0
     out.update(facts)
-    out["rss_after_load_mib"] = _current_rss_mib()
+    out["rss_after_load_mib"] = rss_mib()
     out["num_layers"] = model.config.num_hidden_layers
 
     sec: dict[str, float] = {}
@@ -178,7 +166,7 @@ def run_case(name: str) -> dict:
     out["achieved_ratio"] = plan.achieved_ratio
     out["rewritten_params"] = sum(p.numel() for p in small.parameters())
     out["rewritten_params_match_plan"] = out["rewritten_params"] == plan.params_after
-    out["peak_rss_mib"] = _peak_rss_mib()
+    out["peak_rss_mib"] = lifetime_peak_rss_mib()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out["page_faults_minor"], out["page_faults_major"] = usage.ru_minflt, usage.ru_majflt
     return out
@@ -236,7 +224,7 @@ def memory_touch_probe(mib: int = 256) -> float:
 
 def _smollm2_available(fetch: bool) -> tuple[bool, str]:
     if fetch:
-        proc = subprocess.run(["bash", str(FETCH_SCRIPT)], cwd=REPO, capture_output=True, text=True)
+        proc = subprocess.run(["bash", str(FETCH_SMOLLM2)], cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             return False, "fetch failed: " + " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
     if not (SMOLLM2_DIR / SMOLLM2_GGUF).exists():

@@ -44,17 +44,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from _memory import peak_rss_mib, reset_peak
+from _models import SMOLLM2_DIR, SMOLLM2_GGUF, build
+
 REPO = Path(__file__).resolve().parents[1]
-SMOLLM2_DIR = Path.home() / ".cache" / "graphprune" / "smollm2-135m"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 JSON_PATH = REPO / "docs" / "speed.json"
 DOC_PATH = REPO / "docs" / "performance.md"
 COMMAND = "python benchmarks/speed.py"
 
-LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                intermediate_size=8192, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
-LLAMA_TINY = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                  intermediate_size=768, vocab_size=1024, max_position_embeddings=512, tie_word_embeddings=False)
 VARIANTS = {"dense": (0.0, 1), "25%": (0.25, 1), "50%": (0.5, 1), "50% r64": (0.5, 64)}  # (ratio, round_to)
 FULL = dict(prefill=[(1, 512), (8, 128)], decode=[1, 16], prompt=16, steps=32, repeats=5)
 QUICK = dict(prefill=[(1, 64), (2, 32)], decode=[1, 4], prompt=8, steps=4, repeats=2)
@@ -63,37 +60,6 @@ SLOW_BELOW = 1.05
 
 
 # ================================================================ one variant (runs in a subprocess)
-def _rss_hwm_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_hwm() -> None:
-    try:  # Linux: writing 5 resets the peak-RSS counter of this process
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _build(model_name: str, device: str):
-    import torch
-    import transformers
-
-    if model_name == "smollm2":
-        model = transformers.AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    else:
-        shape = LLAMA_1B if model_name == "llama-1b" else LLAMA_TINY
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(**shape, use_cache=False, attn_implementation="sdpa")
-        model = transformers.LlamaForCausalLM(config)
-    # a GGUF model counts as "quantized" to transformers and refuses .float(); it is float32 already
-    return model.eval().to(device)
-
-
 def _median_time(fn, repeats: int, sync) -> float:
     fn()  # warm-up
     sync()
@@ -117,7 +83,7 @@ def run_variant(model_name: str, variant: str, settings: dict, provider: str, wo
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     ratio, round_to = VARIANTS[variant]
     out = {"model": model_name, "variant": variant, "ratio": ratio, "round_to": round_to, "torch_device": device}
-    model = _build(model_name, device)
+    model = build(model_name, device)
     vocab = model.config.vocab_size
     small = graphprune.compile(model, ratio, round_to=round_to, progress=False)
     out.update(params=small.plan.params_after, block_params=small.plan.block_params_after,
@@ -135,7 +101,7 @@ def run_variant(model_name: str, variant: str, settings: dict, provider: str, wo
         return torch.randint(0, vocab, (b, s), generator=gen).to(device)
 
     # ---- PyTorch eager (the pruned fx graph, ATen ops run one by one)
-    _reset_hwm()
+    reset_peak()
     torch_res = {}
     with torch.no_grad():
         for b, s in settings["prefill"]:
@@ -149,12 +115,12 @@ def run_variant(model_name: str, variant: str, settings: dict, provider: str, wo
                 for _ in range(settings["steps"]):
                     logits, past = graph(logits[:, -1:].argmax(-1), past)
             torch_res[f"decode_b{b}_tok_s"] = b * settings["steps"] / _median_time(decode, settings["repeats"], sync)
-    torch_res["peak_rss_mib"] = _rss_hwm_mib()
+    torch_res["peak_rss_mib"] = peak_rss_mib()
     out["torch"] = torch_res
     del graph
 
     # ---- ONNX Runtime
-    _reset_hwm()
+    reset_peak()
     sess = OnnxSession.open(path, provider, quiet=True)
     out["ort_provider"] = sess.provider
     ort_res = {}
@@ -171,7 +137,7 @@ def run_variant(model_name: str, variant: str, settings: dict, provider: str, wo
             for _ in range(settings["steps"]):
                 logits = steps.step(logits.argmax(-1)[:, None].astype(np.int64))
         ort_res[f"decode_b{b}_tok_s"] = b * settings["steps"] / _median_time(decode, settings["repeats"], lambda: None)
-    ort_res["peak_rss_mib"] = _rss_hwm_mib()
+    ort_res["peak_rss_mib"] = peak_rss_mib()
     out["ort"] = ort_res
     return out
 
