@@ -156,7 +156,7 @@ class CompiledModel:
         """Write the pruned model to ONNX; ``cache=True`` writes the KV-cache variant for ``graphprune.generate``.
 
         The cached variant re-traces the dense ``model`` (default: the one given to ``compile``).
-        ``options``: ``dtype``, ``external_data``, ``check``, ``progress`` (see ``graphprune.export_onnx``).
+        ``options``: ``dtype``, ``external_data``, ``check``, ``optimize``, ``progress`` (see ``graphprune.export_onnx``).
         """
         if cache:
             from .kvcache import export_onnx_with_cache
@@ -288,7 +288,7 @@ def compile(
     *,
     kinds=None,
     allocation: str | None = None,
-    round_to: int = 1,
+    round_to: int | dict = 1,
     ignore=(),
     calib=None,
     tokenizer=None,
@@ -308,7 +308,8 @@ def compile(
     default, or the method's ``default_kinds``, e.g. ``("hidden",)`` for PAT; also ``"query_heads"``,
     ``"head_dim"``, ``"hidden"``). ``allocation`` is ``"uniform"``
     (same fraction per layer) or ``"global"`` (default: the method's preference, e.g. global for
-    HyWIA, else uniform); ``round_to`` keeps channel widths at multiples;
+    HyWIA, else uniform); ``round_to`` keeps channel widths at multiples (an int), or the widths of
+    the kinds it names (``{"channels": 64, "heads": 2}``);
     ``ignore`` protects modules by name pattern; ``plan`` replays a saved plan instead of scoring.
     Data-driven methods take ``calib`` (a corpus name such as ``"wikitext2"``, a text file, a
     ``datasets.Dataset``, a list of strings, or token ids) as ``n_samples`` windows of ``seq_len``

@@ -63,6 +63,19 @@ def _positive(text: str) -> int:
     return value
 
 
+def _round_to(text: str) -> int | dict[str, int]:
+    """``64`` (channel widths) or ``channels=64,heads=2`` (per kind)."""
+    if "=" not in text:
+        return _positive(text)
+    out = {}
+    for part in text.split(","):
+        kind, _, value = part.partition("=")
+        if not kind.strip():
+            raise argparse.ArgumentTypeError(f"expected KIND=N, got {part!r}")
+        out[kind.strip()] = _positive(value)
+    return out
+
+
 def _non_negative(text: str) -> int:
     try:
         value = int(text)
@@ -126,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what may be removed: heads, query_heads, head_dim, channels, hidden (default heads,channels)")
     c.add_argument("--allocation", choices=["uniform", "global"], default=None,
                    help="same fraction per layer, or ranked across layers (default: the method's preference)")
-    c.add_argument("--round-to", type=_positive, default=1, metavar="N", help="keep channel widths at multiples of N (e.g. 8)")
+    c.add_argument("--round-to", type=_round_to, default=1, metavar="N|KIND=N,...",
+                   help="keep channel widths at multiples of N (e.g. 64), or per kind: channels=64,heads=2")
     c.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="protect modules whose name matches (glob, e.g. 'model.layers.0.*'); repeatable")
     c.add_argument("--option", "-O", action="append", type=_option, default=[], metavar="KEY=VALUE",

@@ -177,6 +177,24 @@ def check_ratio(ratio: float) -> float:
     return float(ratio)
 
 
+def rounding(round_to) -> dict[str, int]:
+    """``round_to`` as ``{kind: multiple}``: an int applies to the one-channel kinds (channels,
+    hidden); a mapping names kinds itself, e.g. ``{"channels": 64, "heads": 2}`` (KV groups in pairs)."""
+    from .analysis import ALL_KINDS
+
+    def positive(v, what):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise PlanError(f"round_to{what} must be a positive integer, got {v!r}")
+        return v
+
+    if isinstance(round_to, dict):
+        unknown = set(round_to) - set(ALL_KINDS)
+        if unknown:
+            raise PlanError(f"round_to names unknown kinds {sorted(unknown)}; choose from {list(ALL_KINDS)}")
+        return {kind: positive(v, f"[{kind!r}]") for kind, v in round_to.items()}
+    return {kind: positive(round_to, "") for kind in ROUNDED_KINDS}
+
+
 def _round_keep(n: float, size: int, round_to: int, min_keep: int) -> int:
     k = int(round(n))
     if round_to > 1 and size >= round_to:
@@ -188,8 +206,7 @@ def _keep_counts(groups, scores, p, allocation, round_to, min_keep) -> dict[str,
     counts = {}
     if allocation == "uniform":
         for g in groups:
-            r = round_to if g.kind in ROUNDED_KINDS else 1
-            counts[g.name] = _round_keep(g.size * (1 - p), g.size, r, min_keep)
+            counts[g.name] = _round_keep(g.size * (1 - p), g.size, round_to.get(g.kind, 1), min_keep)
         return counts
     # global: within each kind, rank every unit of every layer together
     for kind in {g.kind for g in groups}:
@@ -198,9 +215,8 @@ def _keep_counts(groups, scores, p, allocation, round_to, min_keep) -> dict[str,
         n_remove = int(round(p * len(pooled)))
         threshold = pooled.sort().values[n_remove - 1] if n_remove > 0 else -math.inf
         for g in mine:
-            r = round_to if g.kind in ROUNDED_KINDS else 1
             n_keep = int((scores[g.name].float() > threshold).sum()) if n_remove > 0 else g.size
-            counts[g.name] = _round_keep(n_keep, g.size, r, min_keep)
+            counts[g.name] = _round_keep(n_keep, g.size, round_to.get(g.kind, 1), min_keep)
     return counts
 
 
@@ -221,8 +237,7 @@ def _refine_fine_kinds(groups, counts, achieved, ratio, round_to, min_keep) -> d
         out = dict(counts)
         for g in groups:
             if g.kind in fine:
-                r = round_to if g.kind in ROUNDED_KINDS else 1
-                out[g.name] = _round_keep(g.size * (1 - q), g.size, r, min_keep)
+                out[g.name] = _round_keep(g.size * (1 - q), g.size, round_to.get(g.kind, 1), min_keep)
         return out
 
     lo, hi = 0.0, 1.0
@@ -240,18 +255,20 @@ def make_plan(
     *,
     kinds=DEFAULT_KINDS,
     allocation: str = "uniform",
-    round_to: int = 1,
+    round_to: int | dict = 1,
     ignore=(),
     min_keep: int = 1,
     method: str = "",
     model_class: str = "",
 ) -> PruningPlan:
-    """Keep the highest-scoring units so that ``ratio`` of the block parameters are removed."""
+    """Keep the highest-scoring units so that ``ratio`` of the block parameters are removed.
+
+    ``round_to`` keeps widths at multiples the runtime runs fast (see :func:`rounding`).
+    """
     ratio = check_ratio(ratio)
     if allocation not in ("uniform", "global"):
         raise PlanError(f"allocation must be 'uniform' or 'global', got {allocation!r}")
-    if not isinstance(round_to, int) or round_to < 1:
-        raise PlanError(f"round_to must be a positive integer, got {round_to!r}")
+    round_to = rounding(round_to)
     groups = select_groups(dg.groups, kinds, ignore)
     for g in groups:
         if g.name not in scores:

@@ -145,3 +145,15 @@ def test_plugin_pass_from_the_command_line(tmp_path, capsys, stories_dir):
     result = json.loads(capsys.readouterr().out)
     assert result["report"]["method"] == "l1" and abs(result["report"]["achieved_ratio"] - 0.3) < 0.02
     assert "config.json" not in result["files"] and "widths.png" not in result["files"]
+
+
+def test_round_to_option_parses_one_or_per_kind_multiples():
+    import argparse
+
+    from graphprune.cli import _round_to
+
+    assert _round_to("64") == 64
+    assert _round_to("channels=64, heads=2") == {"channels": 64, "heads": 2}
+    for bad in ("0", "channels=0", "=8", "channels=x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _round_to(bad)

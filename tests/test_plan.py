@@ -48,6 +48,22 @@ def test_round_to_keeps_multiples(medium):
     assert all(len(g.keep) % 16 == 0 for g in plan.groups if g.kind == "channels")
 
 
+def test_round_to_per_kind(medium):
+    _, dg, scores = medium
+    plan = graphprune.make_plan(dg, scores, 0.4, round_to={"channels": 32, "heads": 2})
+    widths = [len(g.keep) for g in plan.groups if g.kind == "heads"]
+    assert all(len(g.keep) % 32 == 0 for g in plan.groups if g.kind == "channels")
+    assert all(len(g.keep) % 2 == 0 for g in plan.groups if g.kind == "heads"), widths
+    assert abs(plan.achieved_ratio - 0.4) <= 0.05
+
+
+@pytest.mark.parametrize("bad, match", [(0, "positive"), ({"channels": 0}, "positive"), ({"rows": 8}, "unknown kinds")])
+def test_bad_round_to_raises(medium, bad, match):
+    _, dg, scores = medium
+    with pytest.raises(graphprune.PlanError, match=match):
+        graphprune.make_plan(dg, scores, 0.3, round_to=bad)
+
+
 def test_ignore_protects_modules(medium):
     _, dg, scores = medium
     plan = graphprune.make_plan(dg, scores, 0.3, ignore=["model.layers.0.*"])
