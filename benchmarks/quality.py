@@ -7,8 +7,12 @@ PTB perplexity under LLM-Pruner's 128-token protocol and the long one (1024 or t
 7-task zero-shot accuracy and its average, scoring time, fine-tuning time, peak memory.
 Methods not registered (``graphprune.available_passes()``) appear as missing, without numbers.
 
-Each (method, ratio) runs in a fresh subprocess, so its peak memory is its own. Writes a
-markdown report with a table and a PNG of the kept width per layer per method, plus a JSON file:
+Each (method, ratio) runs in a fresh subprocess, so its peak memory is its own; ``--jobs N`` runs N
+of them at once (each with cores / N torch threads). Each finished case is kept in a cache
+(``~/.cache/graphprune/quality``, keyed by model, case, caps and method options), so an interrupted
+run resumes where it stopped (``--fresh`` ignores the cache); the report is rewritten after every
+case, with the cases still to run marked *pending*. Writes a markdown report with a table and a
+PNG of the kept width per layer per method, plus a JSON file:
 
     python benchmarks/quality.py                                    # full: docs/results.md, docs/quality.json
     python benchmarks/quality.py --quick --model ../shared/data/models/stories260K   # smoke test (/tmp)
@@ -19,7 +23,9 @@ Every cap is recorded in the output and printed next to the table.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -35,6 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SMOLLM2 = Path.home() / ".cache" / "graphprune" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_DIR = Path.home() / ".cache" / "graphprune" / "quality"
 METHODS = ("magnitude", "taylor", "hywia", "loraprune", "bernoulli", "pat")
 RATIOS = (0.2, 0.5)
 TASK_LABELS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaS.", "winogrande": "WinoG.",
@@ -152,13 +159,20 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
 
 
 # ================================================================ orchestration (parent process)
-def run_in_child(case: str, args, caps: Caps) -> dict:
+def cache_path(case: str, model: str, caps: dict, method_config: dict) -> Path:
+    """Where a finished case is kept: one file per (model, case, caps, method options)."""
+    key = json.dumps({"case": case, "model": str(model), "caps": caps, "method_config": method_config}, sort_keys=True)
+    return CACHE_DIR / f"{case.replace(':', '_')}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def run_in_child(case: str, args, caps: Caps, threads: int | None = None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_path = f.name
     cmd = [sys.executable, __file__, "--case", case, "--result", result_path, "--model", args.model,
            "--caps", json.dumps(asdict(caps)), "--method-config", json.dumps(args.method_config)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     try:
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
@@ -185,8 +199,8 @@ def table(results: list[dict], long_len: int) -> str:
     for res in results:
         label = res["case"].split(":")[0]
         ratio = f"{res.get('ratio', 0):.0%}" if label != "dense" else "–"
-        if res.get("missing") or res.get("error"):
-            status = "*missing*" if res.get("missing") else "*failed*"
+        if res.get("missing") or res.get("error") or res.get("pending"):
+            status = "*missing*" if res.get("missing") else "*pending*" if res.get("pending") else "*failed*"
             lines.append(f"| {label} | {ratio} | {status} | " + " | ".join(["–"] * (len(head) - 3)) + " |")
             continue
         for row in res["rows"]:
@@ -312,6 +326,8 @@ def main() -> None:
     parser.add_argument("--method-steps", type=int, help="steps of the passes that train (their `steps` option)")
     parser.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--method-config", type=json.loads, default={}, help='JSON {method: {option: value}}')
+    parser.add_argument("--jobs", type=int, default=1, help="cases run at once (each gets cores / jobs threads)")
+    parser.add_argument("--fresh", action="store_true", help="run every case again, ignoring finished ones in the cache")
     parser.add_argument("--out-dir", help="where results.md/quality.json go (default: docs/; /tmp/graphprune-quality with --quick)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -326,6 +342,11 @@ def main() -> None:
             traceback.print_exc()
             sys.exit(1)
         Path(args.result).write_text(json.dumps(result, default=str))
+        cached = cache_path(args.case, args.model, json.loads(args.caps), args.method_config)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, default=str))
+        os.replace(tmp, cached)  # a finished case survives an interrupted run
         return
 
     caps = Caps(**(QUICK if args.quick else {}))
@@ -366,24 +387,41 @@ def main() -> None:
         "long_len": long_len,
         "available_passes": sorted(available),
     }
-    results = []
-    for case in cases:
+    results: dict[str, dict] = {}
+
+    def record(case: str, res: dict) -> None:
         method = case.split(":")[0]
-        if method != "dense" and method not in available:
-            results.append({"case": case, "method": method, "ratio": float(case.split(":")[1]), "missing": True})
-            print(f"{case:18s} missing (not registered)", flush=True)
-            continue
-        res = run_in_child(case, args, caps)
         res.setdefault("method", method)
         res.setdefault("ratio", float(case.split(":")[1]) if ":" in case else 0.0)
-        results.append(res)
-        if res.get("error"):
+        results[case] = res
+        if res.get("missing"):
+            print(f"{case:18s} missing (not registered)", flush=True)
+        elif res.get("error"):
             print(f"{case:18s} FAILED after {res['wall_seconds']:.0f}s: {res['error'].splitlines()[-1]}", flush=True)
         else:
             summary = "; ".join(f"{row['recovery']}: wiki2@128 {row['ppl'].get('wikitext2@128', {}).get('ppl', float('nan')):.2f}, "
                                 f"avg {100 * row['zeroshot_average']:.1f}" for row in res["rows"])
-            print(f"{case:18s} {res['wall_seconds']:.0f}s  params {res['params']:,}  {summary}", flush=True)
-    write_report(meta, results, out_dir / "results.md", out_dir / "quality.json")
+            print(f"{case:18s} {res.get('wall_seconds', 0):.0f}s{' (cached)' if res.get('cached') else ''}  "
+                  f"params {res['params']:,}  {summary}", flush=True)
+        ordered = [results.get(c) or {"case": c, "method": c.split(":")[0], "ratio": float(c.split(":")[1]) if ":" in c else 0.0,
+                                      "pending": True} for c in cases]
+        write_report(meta, ordered, out_dir / "results.md", out_dir / "quality.json")
+
+    todo = []
+    for case in cases:
+        method = case.split(":")[0]
+        cached = cache_path(case, args.model, asdict(caps), args.method_config)
+        if method != "dense" and method not in available:
+            record(case, {"case": case, "missing": True})
+        elif cached.exists() and not args.fresh:
+            record(case, {**json.loads(cached.read_text()), "cached": True})
+        else:
+            todo.append(case)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(run_in_child, case, args, caps, threads): case for case in todo}
+        for future in concurrent.futures.as_completed(futures):
+            record(futures[future], future.result())
     print(f"wrote {out_dir / 'results.md'} and {out_dir / 'quality.json'}")
 
 
