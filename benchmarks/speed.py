@@ -28,6 +28,7 @@ Usage
     python benchmarks/speed.py                 # full run on ONNX Runtime's best provider; writes the docs
     python benchmarks/speed.py --quick         # smoke run: a tiny Llama, short inputs; writes nothing
     python benchmarks/speed.py --provider CUDAExecutionProvider   # GPU machine (torch runs on cuda too)
+    python benchmarks/speed.py --optimize      # ONNX files with ONNX Runtime's fusions (kept only with parity)
 """
 from __future__ import annotations
 
@@ -90,8 +91,10 @@ def run_variant(model_name: str, variant: str, settings: dict, provider: str, wo
                dense_params=small.plan.params_before, dense_block_params=small.plan.block_params_before)
     path = workdir / f"{model_name}-{variant.replace(' ', '-').replace('%', '')}.onnx"
     t = time.perf_counter()
-    small.export_onnx(path, cache=True)
+    small.export_onnx(path, cache=True, optimize=settings.get("optimize", False))
     out["export_s"] = time.perf_counter() - t
+    if settings.get("optimize"):
+        out["onnx_fusions"] = graphprune.export.fusions(path)  # {} when parity failed (a warning says why)
     out["file_bytes"] = sum(p.stat().st_size for p in workdir.glob(path.name + "*"))
     graph = graphprune.cached_graph(small, model)
     del model, small
@@ -253,6 +256,8 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="*", help="subset of: smollm2 llama-1b (tiny with --quick)")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=None,
                     help="write docs/speed.json and the Speed section of docs/performance.md (default: yes unless --quick)")
+    ap.add_argument("--optimize", action="store_true",
+                    help="export with ONNX Runtime's fusions (graphprune.export_onnx(optimize=True), kept only with parity)")
     ap.add_argument("--variant", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--settings", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -263,7 +268,7 @@ def main(argv=None) -> None:
     if args.variant:  # a child process
         print(json.dumps(run_variant(*args.variant, json.loads(args.settings), provider, Path(args.workdir))))
         return
-    settings = QUICK if args.quick else FULL
+    settings = dict(QUICK if args.quick else FULL, optimize=args.optimize)
     models = args.models or (["tiny"] if args.quick else ["smollm2", "llama-1b"])
     if "smollm2" in models and not (SMOLLM2_DIR / SMOLLM2_GGUF).exists():
         raise SystemExit(f"SmolLM2 is not at {SMOLLM2_DIR}; run ../shared/data/fetch_smollm2.sh first")
@@ -278,6 +283,7 @@ def main(argv=None) -> None:
                 rows.append(_run_subprocess(model, variant, settings, provider, Path(workdir)))
     _speedups(rows)
     cmd = COMMAND + (" --quick" if args.quick else "") + (f" --provider {args.provider}" if args.provider != "auto" else "")
+    cmd += " --optimize" if args.optimize else ""
     meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": cmd,
             "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})", "provider": provider,
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),

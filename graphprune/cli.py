@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--onnx", action="store_true", help="write an ONNX model (dynamic batch and sequence)")
     x.add_argument("--output", metavar="PATH", help="where to write it (default DIR/model.onnx)")
     x.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="ONNX float type (default float32)")
+    x.add_argument("--optimize", action="store_true",
+                   help="apply ONNX Runtime's fusions (RMSNorm/LayerNorm, skip+norm, GELU); kept only if outputs match "
+                        "the plain model within 1e-4 (fp32), else the plain model is written with a warning")
     x.set_defaults(handler=cmd_export)
 
     m = sub.add_parser("methods", parents=[common], help="list the scoring passes and their options",
@@ -520,12 +523,16 @@ def cmd_export(args) -> int:
     compiled = api.load(args.model)
     path = Path(args.output) if args.output else Path(args.model) / "model.onnx"
     try:
-        written = export.export_onnx(compiled, path, dtype=args.dtype, progress=_progress(args))
+        written = export.export_onnx(compiled, path, dtype=args.dtype, optimize=args.optimize, progress=_progress(args))
     except FileNotFoundError as exc:
         raise LoadError(str(exc)) from exc
     size = sum(p.stat().st_size for p in written.parent.glob(written.name + "*"))
     data = {"onnx": str(written), "bytes": size, "seconds": time.perf_counter() - t, "dtype": args.dtype}
-    _out(args, f"wrote {written} ({size / 2**20:.1f} MiB, {args.dtype}) in {data['seconds']:.1f}s", data)
+    text = f"wrote {written} ({size / 2**20:.1f} MiB, {args.dtype}) in {data['seconds']:.1f}s"
+    if args.optimize:  # a rejected fusion has already warned why
+        data["fusions"] = export.fusions(written)
+        text += "; fused " + (", ".join(f"{op} x{n}" for op, n in data["fusions"].items()) or "nothing")
+    _out(args, text, data)
     return EXIT_OK
 
 

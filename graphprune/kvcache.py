@@ -260,18 +260,21 @@ def cached_graph(compiled, model: torch.nn.Module | None = None) -> CachedGraph:
 
 def export_onnx_with_cache(compiled, path: str | os.PathLike, model: torch.nn.Module | None = None, *,
                            dtype="float32", external_data: bool | None = None, check: bool = True,
-                           progress: bool = False) -> Path:
+                           optimize: bool = False, progress: bool = False) -> Path:
     """Export the KV-cache variant of ``compiled`` to ONNX (see :func:`graphprune.export_onnx`).
 
     Inputs: ``input_ids`` [batch, seq] and ``past_key_values.{i}.key/value`` [batch, heads_i, past,
     head_dim_i]; outputs: ``logits`` and ``present.{i}.key/value`` (past + seq positions). Prefill
-    passes a past of length 0; each decoding step passes the previous step's presents.
+    passes a past of length 0; each decoding step passes the previous step's presents. Dynamic dims
+    are named ``batch``, ``sequence``, ``past_sequence`` and ``total_sequence`` (past + sequence).
     """
     from .export import export_onnx, normalize_dtype
 
     normalize_dtype(dtype)  # fail before the (slow) tracing
     graph = cached_graph(compiled, model)
     meta = {"graphprune.kv_cache": "1", "graphprune.num_layers": str(graph.layout.num_layers)}
-    return export_onnx(graph.export_program(), path, example_kwargs=graph.example_kwargs, dtype=dtype,
-                       external_data=external_data, check=check, input_names=graph.layout.input_names(),
-                       output_names=graph.layout.output_names(), metadata=meta, progress=progress)
+    return export_onnx(graph.export_program(), path, example_kwargs=graph.example_kwargs,
+                       dynamic_shapes=graph.dynamic_shapes, dtype=dtype, external_data=external_data,
+                       check=check, input_names=graph.layout.input_names(),
+                       output_names=graph.layout.output_names(), metadata=meta, optimize=optimize,
+                       progress=progress)

@@ -22,7 +22,7 @@ from .errors import GraphpruneError
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 _LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-             "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 def choose_provider(provider: str = "auto") -> tuple[str, str]:
@@ -125,6 +125,36 @@ class OnnxSession:
     def __repr__(self) -> str:
         kind = f"KV cache, {self.num_layers} layers" if self.has_cache else "no KV cache"
         return f"OnnxSession({self.path.name}, {self.provider}, {kind})"
+
+
+# Sizes given to a model's named dynamic dims by random_feeds, in order of first appearance: all
+# different, so a dim that is wrongly tied to another shows up as a shape error.
+_PROBE_SIZES = (2, 5, 3, 4, 6, 7)
+
+
+def random_feeds(session: OnnxSession, seed: int = 0) -> dict[str, np.ndarray]:
+    """A random input for every model input: ``input_ids`` below the vocabulary size (the logits'
+    last dim), other integer inputs 1 (a valid mask, token type and position), floats N(0, 1)
+    (KV-cache inputs get a past of one of the probe sizes). Dims with the same name get the same size."""
+    rng = np.random.default_rng(seed)
+    sizes: dict[str, int] = {}
+    vocab = next((o.shape[-1] for o in session.session.get_outputs()
+                  if o.name == "logits" and o.shape and isinstance(o.shape[-1], int)), 2)
+    feeds = {}
+    for name, shape in session.input_shapes.items():
+        dims = []
+        for d in shape:
+            if not isinstance(d, int):  # a named (or unnamed: None) dynamic dim
+                d = sizes.setdefault(str(d), _PROBE_SIZES[len(sizes) % len(_PROBE_SIZES)])
+            dims.append(d)
+        dtype = session.input_types[name]
+        if np.issubdtype(dtype, np.floating):
+            feeds[name] = rng.standard_normal(dims).astype(dtype)
+        elif name == "input_ids":
+            feeds[name] = rng.integers(0, vocab, dims).astype(dtype)
+        else:
+            feeds[name] = np.ones(dims, dtype=dtype)
+    return feeds
 
 
 def _numpy(value, dtype=None) -> np.ndarray:

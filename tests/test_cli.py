@@ -86,7 +86,7 @@ def test_a_bad_argument_exits_2_with_one_line_in_a_real_process(stories_dir, tmp
                    "--allocation", "--round-to", "--ignore", "--option", "--plan", "--plugin", "--json", "--verify"]),
     (["inspect"], ["MODEL", "--json", "--members"]),
     (["eval"], ["DIR_OR_MODEL", "--ppl", "--tasks", "--seq-len", "--max-tokens", "--limit", "--onnx"]),
-    (["export"], ["DIR", "--onnx", "--output", "--dtype"]),
+    (["export"], ["DIR", "--onnx", "--output", "--dtype", "--optimize"]),
     (["methods"], ["--plugin", "--json"]),
 ])
 def test_help_is_complete(argv, must_mention, capsys):

@@ -6,6 +6,7 @@ with a KV cache; the whole decoder matrix runs under ``-m slow``.
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ DECODERS = sorted(n for n in zoo.ZOO if n != "bert")
 SLOW_ARCHS = [n for n in DECODERS if n not in DEFAULT_ARCHS]
 SHAPES = [(1, 4), (1, 11), (3, 4), (3, 11)]  # (batch, seq), all run on one exported file
 TOL = 1e-4
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (see conftest)
 
 
 @functools.lru_cache(maxsize=None)
@@ -292,3 +294,185 @@ def test_external_data_is_written_atomically_and_cleaned_up(tmp_path):
     assert np.abs(ort_out - _logits(small.module, ids)).max() <= TOL
     small.export_onnx(target)  # weights inline now: the stale side file goes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+# ================================================================ dimension names
+def _dims(values) -> dict[str, list]:
+    return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
+
+
+def _all_dim_params(model) -> set[str]:
+    values = list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info)
+    return {d.dim_param for v in values for d in v.type.tensor_type.shape.dim if d.dim_param}
+
+
+def test_dynamic_dims_have_readable_names_and_files_still_run(exports):
+    import onnx
+
+    vocab = zoo._vocab_size("llama_gqa")
+    dense = onnx.load(str(exports("llama_gqa", "dense")))
+    onnx.checker.check_model(dense)
+    assert _dims(dense.graph.input) == {"input_ids": ["batch", "sequence"]}
+    assert _dims(dense.graph.output) == {"logits": ["batch", "sequence", vocab]}
+    names = _all_dim_params(dense)
+    assert {"batch", "sequence"} <= names and not any(re.search(r"\bs\d+\b", n) for n in names), names
+    sess = session(str(exports("llama_gqa", "dense")))
+    for batch, seq in [(1, 4), (3, 11)]:
+        assert sess.run({"input_ids": _ids("llama_gqa", batch, seq)})["logits"].shape == (batch, seq, vocab)
+
+    kv_path = exports("llama_gqa", "kv")
+    kv = onnx.load(str(kv_path))
+    onnx.checker.check_model(kv)
+    layout = graphprune.cached_graph(compiled("llama_gqa")).layout
+    heads, size = [h for h, _ in layout.key_shapes], layout.key_shapes[0][1]
+    inputs, outputs = _dims(kv.graph.input), _dims(kv.graph.output)
+    assert inputs["input_ids"] == ["batch", "sequence"] and outputs["logits"] == ["batch", "sequence", vocab]
+    for i in range(layout.num_layers):
+        assert inputs[f"past_key_values.{i}.key"] == ["batch", heads[i], "past_sequence", size]
+        assert outputs[f"present.{i}.value"] == ["batch", heads[i], "total_sequence", size]
+    assert not any(re.search(r"\bs\d+\b", n) for n in _all_dim_params(kv))
+    sess = session(str(kv_path))
+    for batch, past, seq in [(1, 0, 4), (3, 2, 5)]:
+        feeds = {"input_ids": _ids("llama_gqa", batch, seq).numpy()}
+        for name, empty in sess.empty_past(batch).items():
+            b, h, _, d = empty.shape
+            feeds[name] = np.random.default_rng(0).standard_normal((b, h, past, d)).astype(empty.dtype)
+        out = sess.run(feeds)
+        assert out["logits"].shape == (batch, seq, vocab)
+        assert out["present.1.key"].shape == (batch, heads[1], past + seq, size)
+
+
+def test_dim_names_follow_the_dynamic_shapes_given(tmp_path):
+    import onnx
+    from torch.export import Dim
+
+    x = torch.randn(2, 3, 8)
+    default = onnx.load(str(graphprune.export_onnx(nn.Linear(8, 4), tmp_path / "a.onnx", example_kwargs={"input": x})))
+    assert _dims(default.graph.input)["input"] == ["batch", "sequence", 8]
+    rows = onnx.load(str(graphprune.export_onnx(nn.Linear(8, 4), tmp_path / "b.onnx", example_kwargs={"input": x},
+                                                dynamic_shapes={"input": {0: Dim("rows")}})))
+    assert _dims(rows.graph.input)["input"] == ["rows", 3, 8]
+    assert [d.dim_param or d.dim_value for d in rows.graph.output[0].type.tensor_type.shape.dim] == ["rows", 3, 4]
+
+
+def test_rename_dim_substitutes_whole_symbols_and_names_past_plus_new():
+    from graphprune.export import rename_dim
+
+    names = {"s17": "past_sequence", "s70": "sequence", "s7": "batch"}
+    assert rename_dim("s17 + s70", names) == "total_sequence"
+    assert rename_dim("s70 + s17", names) == "total_sequence"
+    assert rename_dim("s70 + 1", names) == "sequence + 1"
+    assert rename_dim("2*s7", names) == "2*batch"
+    assert rename_dim("s170", names) == "s170"  # a different symbol, not a prefix match
+
+
+# ================================================================ optional fusions
+def _op_counts(path) -> dict[str, int]:
+    import collections
+
+    import onnx
+
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+@pytest.mark.parametrize("variant", ["pruned", "kv"])
+def test_optimize_fuses_rms_norms_and_keeps_parity(variant, exports):
+    small = compiled("llama_gqa")
+    plain, fused = exports("llama_gqa", variant), exports("llama_gqa", variant, optimize=True)
+    layers = small.source.config.num_hidden_layers
+    ops, plain_ops = _op_counts(fused), _op_counts(plain)
+    # every RMSNorm fused: one per sub-block plus the final one; all but the first follow a residual add
+    assert ops["SimplifiedLayerNormalization"] + ops["SkipSimplifiedLayerNormalization"] == 2 * layers + 1
+    assert ops["SkipSimplifiedLayerNormalization"] >= 1 and ops["ReduceMean"] == 0 < plain_ops["ReduceMean"]
+    recorded = graphprune.export.fusions(fused)
+    assert recorded and all(ops[op] - plain_ops[op] == n for op, n in recorded.items())
+    assert graphprune.export.fusions(plain) == {}
+    sess = session(str(fused))
+    if variant == "pruned":
+        for batch, seq in [(1, 4), (3, 11)]:
+            ids = _ids("llama_gqa", batch, seq)
+            assert np.abs(sess.run({"input_ids": ids})["logits"] - _logits(small.module, ids)).max() <= TOL
+    else:
+        ids = _ids("llama_gqa", 2, 9, seed=1)
+        assert np.abs(_cached_logits(sess, ids, prompt=5) - _logits(small.module, ids)).max() <= TOL
+        prompt = ids[:, :4]
+        assert torch.equal(graphprune.generate(sess, prompt, 6), _torch_greedy(small.module, prompt, 6))
+
+
+@pytest.mark.slow
+def test_optimize_float16_keeps_fusions_and_generates(exports):
+    path = exports("llama_gqa", "kv", optimize=True, dtype="float16")
+    assert _op_counts(path)["SkipSimplifiedLayerNormalization"] >= 1 and graphprune.export.fusions(path)
+    sess = session(str(path))
+    assert sess.empty_past(1)["past_key_values.0.key"].dtype == np.float16
+    assert graphprune.generate(sess, _ids("llama_gqa", 2, 3), 3).shape == (2, 6)
+
+
+def _break_weights(fuse):
+    """An optimizer that fuses, then scales the first matrix it finds: a wrong result."""
+    def broken(path):
+        from onnx import numpy_helper
+
+        model = fuse(path)
+        weight = next(t for t in model.graph.initializer if len(t.dims) == 2)
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 2, weight.name))
+        return model
+    return broken
+
+
+def _raise(path):
+    raise KeyError("no such node")
+
+
+@pytest.mark.parametrize("how, message", [
+    ("broken", r"outputs differ from the plain model's by \S+ \(> 0\.0001\)"),
+    ("raises", r"ONNX Runtime's optimizer failed: KeyError"),
+    ("threshold", r"outputs differ from the plain model's by \S+ \(> -1\)"),
+])
+def test_optimize_keeps_the_plain_file_and_warns_when_parity_fails(how, message, tmp_path, monkeypatch, exports):
+    from graphprune import export
+
+    if how == "broken":
+        monkeypatch.setattr(export, "_fuse", _break_weights(export._fuse))
+    elif how == "raises":
+        monkeypatch.setattr(export, "_fuse", _raise)
+    else:
+        monkeypatch.setattr(export, "PARITY_TOL", -1.0)
+    small = compiled("llama_gqa")
+    target = tmp_path / "m.onnx"
+    with pytest.warns(UserWarning, match=f"kept the unoptimized model: .*{message}"):
+        small.export_onnx(target, optimize=True)
+    assert list(tmp_path.iterdir()) == [target]  # no temp folder, no fused leftovers
+    ops = _op_counts(target)
+    assert ops["SimplifiedLayerNormalization"] == ops["SkipSimplifiedLayerNormalization"] == 0 < ops["ReduceMean"]
+    assert export.fusions(target) == {}
+    ids = _ids("llama_gqa", 2, 5)
+    got = graphprune.OnnxSession.open(target, quiet=True).run({"input_ids": ids})["logits"]
+    assert np.abs(got - _logits(small.module, ids)).max() <= TOL
+    plain = session(str(exports("llama_gqa")))
+    assert np.array_equal(got, plain.run({"input_ids": ids})["logits"])
+
+
+def test_cli_export_optimize_reports_fusions(tmp_path, capsys):
+    import json
+
+    from graphprune import cli
+
+    folder = tmp_path / "small"
+    compiled("llama_gqa").save(folder, hf=False, plot=False)
+    assert cli.main(["export", str(folder), "--onnx", "--optimize", "--json", "-q"]) == 0
+    out = capsys.readouterr().out
+    data = json.loads(out[out.index("{"):])
+    assert data["fusions"] == graphprune.export.fusions(folder / "model.onnx")
+    assert data["fusions"].get("SkipSimplifiedLayerNormalization", 0) >= 1
+
+
+def test_optimize_with_external_data_moves_the_fused_weights_into_place(tmp_path):
+    small = compiled("llama_gqa")
+    target = tmp_path / "m.onnx"
+    small.export_onnx(target, external_data=True, optimize=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert graphprune.export.fusions(target)
+    ids = _ids("llama_gqa", 2, 5)
+    got = graphprune.OnnxSession.open(target, quiet=True).run({"input_ids": ids})["logits"]
+    assert np.abs(got - _logits(small.module, ids)).max() <= TOL
