@@ -219,6 +219,73 @@ def table(results: list[dict], long_len: int) -> str:
     return "\n".join(lines)
 
 
+# ================================================================ the issue's targets, checked on the table
+def _row(results: list[dict], method: str, ratio: float | None, recovery: str) -> dict | None:
+    for res in results:
+        if res.get("method") == method and (ratio is None or abs(res.get("ratio", 0) - ratio) < 1e-9) and res.get("rows"):
+            return next((row for row in res["rows"] if row["recovery"] == recovery), None)
+    return None
+
+
+def _ppl(row: dict | None, key: str) -> float | None:
+    return row["ppl"][key]["ppl"] if row and key in row["ppl"] else None
+
+
+def _acc(row: dict | None) -> float | None:
+    return 100 * row["zeroshot_average"] if row else None
+
+
+def targets(results: list[dict]) -> list[dict]:
+    """Each target of the quality issue: what is compared, the two numbers, and pass / miss / n/a.
+
+    Like is compared with like: rows without recovery with rows without, rows with the same LoRA
+    recovery budget with each other. PAT trains during pruning, so its row without extra recovery
+    is compared with the dense model after the same number of LoRA steps.
+    """
+    out = []
+
+    def check(name, metric, ours, theirs, lower_is_better, against):
+        ok = None if ours is None or theirs is None else (ours < theirs if lower_is_better else ours > theirs)
+        out.append({"target": name, "metric": metric, "ours": ours, "reference": theirs, "against": against,
+                    "result": "n/a" if ok is None else "pass" if ok else "miss"})
+
+    for recovery in ("none", "lora"):
+        suffix = "" if recovery == "none" else ", both with LoRA recovery"
+        t = _row(results, "taylor", 0.5, recovery)
+        h = _row(results, "hywia", 0.5, recovery)
+        check(f"HyWIA beats Taylor at 50%{suffix}", "zero-shot avg (%)", _acc(h), _acc(t), False, "taylor")
+        lp = _row(results, "loraprune", 0.5, recovery)
+        for key, label in (("wikitext2@128", "WikiText-2 PPL"), ("ptb@128", "PTB PPL")):
+            check(f"LoRAPrune beats Taylor at 50%{suffix}", label, _ppl(lp, key), _ppl(t, key), True, "taylor")
+    b, t = _row(results, "bernoulli", 0.5, "none"), _row(results, "taylor", 0.5, "none")
+    check("Bernoulli beats Taylor at 50%, without fine-tuning", "WikiText-2 PPL", _ppl(b, "wikitext2@128"), _ppl(t, "wikitext2@128"), True, "taylor")
+    dense_ft = _row(results, "dense", None, "lora")
+    for ratio in (0.2, 0.5):
+        check(f"PAT at {ratio:.0%} beats the dense model's LoRA fine-tuning (same steps)", "zero-shot avg (%)",
+              _acc(_row(results, "pat", ratio, "none")), _acc(dense_ft), False, "dense + LoRA")
+    dense = _ppl(_row(results, "dense", None, "none"), "wikitext2@128")
+    best = [(v, res["method"]) for res in results if abs(res.get("ratio", 0) - 0.2) < 1e-9
+            for v in [_ppl(_row(results, res.get("method"), 0.2, "lora"), "wikitext2@128")] if v is not None]
+    if best and dense:
+        value, method = min(best)
+        out.append({"target": "best method at 20% with recovery within 15% of dense", "metric": "WikiText-2 PPL",
+                    "ours": value, "reference": 1.15 * dense, "against": f"1.15 x dense ({dense:.2f})",
+                    "result": "pass" if value <= 1.15 * dense else "miss", "method": method})
+    else:
+        out.append({"target": "best method at 20% with recovery within 15% of dense", "metric": "WikiText-2 PPL",
+                    "ours": None, "reference": None, "against": "1.15 x dense", "result": "n/a"})
+    return out
+
+
+def targets_table(checks: list[dict]) -> str:
+    lines = ["| target | metric | measured | reference | result |", "|---|---|---:|---:|---|"]
+    for c in checks:
+        who = f" ({c['method']})" if c.get("method") else ""
+        lines.append(f"| {c['target']} | {c['metric']} | {fmt(c['ours'])}{who} | {fmt(c['reference'])} ({c['against']}) | "
+                     f"{'**' + c['result'] + '**' if c['result'] != 'n/a' else 'n/a (row missing)'} |")
+    return "\n".join(lines)
+
+
 def plot_widths(results: list[dict], path: Path) -> Path | None:
     """Kept fraction per layer, one panel per (kind, ratio), one line per method."""
     import matplotlib
@@ -298,6 +365,10 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
         table(results, long_len),
         "",
     ]
+    checks = targets(results)
+    meta = {**meta, "targets": checks}
+    lines += ["## Targets", "", "The quality issue's targets, checked on the table above (computed by the benchmark, "
+              "not by hand):", "", targets_table(checks), ""]
     missing = [r["case"] for r in results if r.get("missing")]
     if missing:
         lines += [f"Missing (method not registered when this ran): {', '.join(sorted({m.split(':')[0] for m in missing}))}.", ""]
@@ -308,6 +379,38 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
         lines += ["## Kept width per layer", "", f"![kept width per layer per method]({png.name})", ""]
     atomic_write_text(out_md, "\n".join(lines))
     atomic_write_text(out_json, json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+    if out_md.resolve() == (REPO / "docs" / "results.md").resolve():
+        update_readme(meta, results, checks)
+
+
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def update_readme(meta: dict, results: list[dict], checks: list[dict]) -> None:
+    """The README's results section: a short table (both ratios, with and without recovery) and the targets."""
+    from graphprune.plan import atomic_write_text
+
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return
+    head = ["method", "ratio", "recovery", "params", "Wiki2 PPL", "PTB PPL", "0-shot avg %"]
+    rows = ["| " + " | ".join(head) + " |", "|---|---|---|---:|---:|---:|---:|"]
+    for res in results:
+        for row in res.get("rows", []):
+            label = res["case"].split(":")[0]
+            rows.append(f"| {label} | {'–' if label == 'dense' else format(res['ratio'], '.0%')} | {row['recovery']} | "
+                        f"{res['params'] / 1e6:.1f} M | {fmt(_ppl(row, 'wikitext2@128'))} | {fmt(_ppl(row, 'ptb@128'))} | "
+                        f"{fmt(_acc(row), 1)} |")
+    passed = sum(c["result"] == "pass" for c in checks)
+    body = [README_START, "",
+            f"{meta['model_name']}, from [`docs/results.md`](docs/results.md) (`{meta['command']}`, {meta['date']}; "
+            "perplexity with 128-token windows; the caps of that run and every column are there):", "",
+            *rows, "",
+            f"Targets of the quality issue: {passed} of {len(checks)} met — see the table in `docs/results.md`.", "",
+            README_END]
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    atomic_write_text(readme, text[:start] + "\n".join(body) + text[end:])
 
 
 def main() -> None:
