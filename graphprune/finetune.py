@@ -279,6 +279,8 @@ def _module_level(compiled, strict: bool):
 def _train_peft(small, targets, r, alpha, seed, loss_fn, batches, config):
     import peft
 
+    from .module_apply import graph_weights
+
     torch.manual_seed(seed)  # peft initialises A at random
     lora = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=_peft_targets(small, targets), bias="none")
     wrapped = peft.get_peft_model(small, lora)
@@ -294,7 +296,7 @@ def _train_peft(small, targets, r, alpha, seed, loss_fn, batches, config):
     result = train(wrapped, batches, lambda _, b: loss_fn(call, b), config, params=params)
     merged = wrapped.merge_and_unload()
     weights = {n: p.detach() for n, p in merged.named_parameters(remove_duplicate=False)}
-    return weights, result, sum(p.numel() for p in params)
+    return graph_weights(small, weights), result, sum(p.numel() for p in params)  # rescaled norms mapped back
 
 
 def _train_graph(compiled, targets, r, alpha, seed, loss_fn, batches, config):

@@ -10,7 +10,9 @@ level (:mod:`graphprune.module_apply`). When every layer kept the same width, th
 the config and ``AutoModelForCausalLM.from_pretrained(folder)`` loads it as is. When layers
 differ, the config keeps the dense widths plus a ``graphprune_widths`` record (parameter shapes
 and unit counts per layer); :func:`load_hf` (and ``graphprune.load(folder).to_hf()``) restores
-them. The record survives ``save_pretrained`` after fine-tuning, so the loop stays closed.
+them. The record also holds module numbers a config cannot give (a norm over pruned channels
+keeps the graph's divisor through a rescaled eps), so such a model takes this path even with
+uniform widths. The record survives ``save_pretrained`` after fine-tuning, so the loop stays closed.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from .errors import GraphpruneError, LoadError
 from .trace import dynamic_shapes_for
 
 WIDTHS_KEY = "graphprune_widths"  # config.json entry holding per-layer widths
-WIDTHS_VERSION = 1
+WIDTHS_VERSION = 2  # 2: adds "attributes" (module numbers the config does not give, e.g. a rescaled norm's eps)
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 CHECKED_SUFFIXES = (".pt2", ".safetensors")  # binary files whose size the manifest records
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -198,6 +200,9 @@ def _write_hf(compiled, folder: Path, hf) -> dict | None:
         if getattr(small, "_graphprune_unsaveable", None):
             raise ModuleApplyError(small._graphprune_unsaveable)
         small.save_pretrained(str(folder), save_original_format=False)  # keys as the modules name them
+        info = {"saved": True, "per_layer": WIDTHS_KEY in small.config.to_dict(), "class": type(small).__name__}
+        del small  # the reloaded copy takes its place in memory
+        check_reloads(compiled, folder, info["class"])
     except Exception as exc:  # "auto": the graph artefacts are still worth saving
         if hf is True:
             raise
@@ -205,7 +210,59 @@ def _write_hf(compiled, folder: Path, hf) -> dict | None:
             (folder / name).unlink(missing_ok=True)
         reason = str(exc) if isinstance(exc, ModuleApplyError) else f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
         return {"saved": False, "reason": reason}
-    return {"saved": True, "per_layer": WIDTHS_KEY in small.config.to_dict(), "class": type(small).__name__}
+    return info
+
+
+def check_reloads(compiled, folder: Path, name: str) -> None:
+    """The checkpoint just written, loaded back as a user would (``load_hf``), must compute what
+    the pruned graph computes: what a checkpoint cannot carry (a buffer transformers recomputes
+    from the config, a number it takes from the config) fails here, not later in the user's hands."""
+    from .module_apply import ModuleApplyError, check_equal
+
+    again = load_hf(folder)
+    _buffers_like_graph(again, compiled.module)
+    try:
+        check_equal(again, compiled.module, compiled.example_kwargs)
+    except ModuleApplyError as exc:
+        lost = _lost_tensors(again, compiled)
+        where = f"; it cannot carry {', '.join(lost[:3])} (recomputed from the config when loaded)" if lost else ""
+        first = str(exc).split(": its code")[0]
+        raise ModuleApplyError(f"the transformers checkpoint of the pruned {name} does not reload to the pruned model{where} "
+                               f"({first}). The graph (model.pt2) is complete; use graphprune.load") from exc
+
+
+def _buffers_like_graph(again: torch.nn.Module, graph: torch.nn.Module) -> None:
+    """Reloaded buffers in the graph's dtype: transformers rebuilds e.g. rotary tables in float32,
+    for any checkpoint, where a model cast with ``.to(torch.bfloat16)`` had them in bfloat16. That
+    is not what this check is about (what the pruning could not carry is)."""
+    from .analysis.walk import fetch_attr
+    from .rewrite import _set_tensor
+
+    for name, buffer in list(again.named_buffers()):
+        try:
+            theirs = fetch_attr(graph, name)
+        except AttributeError:
+            continue
+        if isinstance(theirs, torch.Tensor) and theirs.dtype != buffer.dtype and theirs.shape == buffer.shape:
+            _set_tensor(again, name, buffer.to(theirs.dtype))
+
+
+def _lost_tensors(again: torch.nn.Module, compiled) -> list[str]:
+    """Analysed tensors whose reloaded shape (or, for buffers, value) differs from the pruned graph's
+    (parameter values may differ on purpose: rescaled norms)."""
+    from .analysis.walk import fetch_attr
+
+    lost = []
+    for name in compiled.dg.params if compiled.dg is not None else ():
+        try:
+            mine, theirs = fetch_attr(again, name), fetch_attr(compiled.module, name)
+        except AttributeError:
+            continue
+        if mine.shape != theirs.shape:
+            lost.append(f"{name} ({list(mine.shape)} instead of {list(theirs.shape)})")
+        elif not isinstance(mine, torch.nn.Parameter) and not torch.equal(mine.detach().to(theirs.dtype), theirs.detach()):
+            lost.append(name)
+    return lost
 
 
 def _write_tokenizer(compiled, folder: Path, tokenizer) -> bool:
@@ -316,7 +373,9 @@ def to_hf(compiled, check: bool = True) -> torch.nn.Module:
     if compiled.source is not None:
         small = apply_plan_to_module(compiled.source, compiled, check=check)
         dense = getattr(compiled.source, "config", None)
-        if dense is not None and hasattr(dense, "to_dict") and not _config_says_it_all(type(small), small):
+        if dense is None or not hasattr(dense, "to_dict"):
+            return small
+        if not _config_says_it_all(type(small), small):
             # per-layer widths, or widths the config class cannot express (or would derive other
             # sizes from, e.g. head_dim = hidden / heads): dense config + a record of the widths
             from .module_apply import ModuleApplyError, check_equal
@@ -327,7 +386,7 @@ def to_hf(compiled, check: bool = True) -> torch.nn.Module:
             except ModuleApplyError as exc:  # its forward reads the widths from the config at run time
                 small = apply_plan_to_module(compiled.source, compiled, check=check)
                 small._graphprune_unsaveable = (
-                    "the model reads its widths from the config at run time, and its config class cannot hold "
+                    f"{type(small).__name__} reads its widths from the config at run time, and its config class cannot hold "
                     f"these widths: usable in this session, not as a transformers checkpoint ({exc})")
                 return small
             record_widths(small, compiled.plan)
@@ -341,9 +400,12 @@ def to_hf(compiled, check: bool = True) -> torch.nn.Module:
 
 
 def _config_says_it_all(cls, small: torch.nn.Module) -> bool:
-    """Whether a model built from the pruned config alone has exactly ``small``'s shapes (then a
-    plain checkpoint loads with ``from_pretrained``). transformers validates configs on save and
-    some classes check sizes when built (GPT-2: hidden size divisible by the head count)."""
+    """Whether a model built from the pruned config alone has exactly ``small``'s shapes and module
+    numbers (then a plain checkpoint loads with ``from_pretrained``). A number the config cannot
+    give, such as a rescaled norm's eps, would load silently wrong: such a checkpoint keeps the
+    dense config, so that ``from_pretrained`` fails on the shapes instead. transformers validates
+    configs on save and some classes check sizes when built (GPT-2: hidden size divisible by the
+    head count)."""
     config = small.config
     if hasattr(config, WIDTHS_KEY):
         delattr(config, WIDTHS_KEY)
@@ -351,10 +413,12 @@ def _config_says_it_all(cls, small: torch.nn.Module) -> bool:
         validate = getattr(config, "validate", None)
         if validate is not None:
             validate()
-        reference = _shapes_from_config(cls, config)
+        shapes, numbers = _reference(cls, config)
     except Exception:
         return False
-    return reference == {n: tuple(p.shape) for n, p in small.state_dict().items()}
+    mine = module_numbers(small)
+    return shapes == {n: tuple(p.shape) for n, p in small.state_dict().items()} and all(
+        numbers[k] == v for k, v in mine.items() if k in numbers)
 
 
 def _restore_config(small: torch.nn.Module, dense) -> None:
@@ -363,33 +427,57 @@ def _restore_config(small: torch.nn.Module, dense) -> None:
     for key, value in original.items():
         if key in pruned and pruned[key] != value and (value is None or (isinstance(value, int) and not isinstance(value, bool))):
             setattr(small.config, key, value)
-    for key in set(pruned) - set(original) - {WIDTHS_KEY}:
-        if getattr(dense, key, "absent") is None and hasattr(small.config, key):
+    for key in set(pruned) - set(original) - {WIDTHS_KEY, "experts_implementation"}:
+        if not hasattr(small.config, key):
+            continue
+        if getattr(dense, key, "absent") is None:
             setattr(small.config, key, None)  # e.g. head_dim set on a config that derives it
+        elif not hasattr(dense, key):
+            try:
+                delattr(small.config, key)  # e.g. head_dim written into a config class that has none
+            except AttributeError:
+                pass
 
 
 def record_widths(small: torch.nn.Module, plan) -> None:
-    """Store in the (dense) config the parameter shapes it does not give, and the unit counts of
-    every pruned group: what ``load_hf`` needs to rebuild the pruned modules from the dense ones."""
+    """Store in the (dense) config what a model built from it would not have: parameter shapes,
+    module numbers (head counts, a rescaled norm's eps, ...) and the unit counts of every pruned
+    group, which ``load_hf`` replays to rebuild the pruned modules from the dense ones (and the
+    config views of modules that read widths from the config at run time)."""
     config = getattr(small, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
     if hasattr(config, WIDTHS_KEY):
         delattr(config, WIDTHS_KEY)
-    reference = _shapes_from_config(type(small), config)
+    shapes, numbers = _reference(type(small), config)
     actual = {n: tuple(p.shape) for n, p in small.state_dict().items()}
-    differ = {n: list(s) for n, s in actual.items() if reference.get(n) != s}
-    if not differ:
+    differ = {n: list(s) for n, s in actual.items() if shapes.get(n) != s}
+    attributes = {k: v for k, v in module_numbers(small).items() if k in numbers and numbers[k] != v}
+    if not differ and not attributes:
         return  # the config says it all: a plain transformers checkpoint
     groups = [[g.name, g.kind, len(g.keep), g.size] for g in plan.groups if len(g.keep) != g.size]
-    setattr(config, WIDTHS_KEY, {"version": WIDTHS_VERSION, "params": differ, "groups": groups})
+    setattr(config, WIDTHS_KEY, {"version": WIDTHS_VERSION, "params": differ, "attributes": attributes, "groups": groups})
 
 
-def _shapes_from_config(cls, config) -> dict[str, tuple]:
-    """Parameter shapes a model of ``cls`` built from ``config`` has (built on the meta device)."""
+# size attributes of standard layers: they follow the weights (module_apply._fix_module_sizes)
+_FOLLOW_WEIGHTS = {"in_features", "out_features", "num_embeddings", "embedding_dim", "nx", "nf"}
+
+
+def module_numbers(model: torch.nn.Module) -> dict[str, int | float]:
+    """Every plain int/float attribute of every module, as "module.path.attr" (bools excluded)."""
+    out = {}
+    for name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if type(value) in (int, float) and not attr.startswith("_") and attr not in _FOLLOW_WEIGHTS and value == value:
+                out[f"{name}.{attr}" if name else attr] = value
+    return out
+
+
+def _reference(cls, config) -> tuple[dict[str, tuple], dict[str, int | float]]:
+    """Parameter shapes and module numbers of a model of ``cls`` built from ``config`` (on the meta device)."""
     with torch.device("meta"):
         model = _hf_call(lambda: cls(config), Path(cls.__name__))
-    return {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    return {n: tuple(p.shape) for n, p in model.state_dict().items()}, module_numbers(model)
 
 
 @contextmanager
@@ -430,8 +518,8 @@ def load_hf(folder: str | os.PathLike, dtype=None) -> torch.nn.Module:
     """A pruned ``transformers`` model from ``folder``, per-layer widths restored.
 
     Plain checkpoints (uniform widths) load with ``from_pretrained``; checkpoints with a
-    ``graphprune_widths`` record are built with the dense config, resized to the recorded shapes
-    and filled from the safetensors file. A checkpoint whose weights do not fit its config (another
+    ``graphprune_widths`` record are built with the dense config, resized to the recorded shapes,
+    given the recorded module numbers and filled from the safetensors file. A checkpoint whose weights do not fit its config (another
     model's weights), a cut file or a record of a newer format fails with a :class:`LoadError`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -444,16 +532,17 @@ def load_hf(folder: str | os.PathLike, dtype=None) -> torch.nn.Module:
     dtype = resolve_dtype(dtype)
     config = _hf_call(lambda: AutoConfig.from_pretrained(str(folder)), folder)
     record = getattr(config, WIDTHS_KEY, None)
+    auto = _model_class(config) or AutoModelForCausalLM
     if record is None:
         state = _read_safetensors(folder)  # a cut file fails here, with a clear message
         del state
-        model = _hf_call(lambda: AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype), folder)
+        model = _hf_call(lambda: auto.from_pretrained(str(folder), dtype=dtype), folder)
         return model.eval()
     if not isinstance(record, dict) or record.get("version", 0) > WIDTHS_VERSION:
         raise LoadError(f"{folder / 'config.json'}: {WIDTHS_KEY} has format version {record.get('version') if isinstance(record, dict) else '?'}, "
                         f"newer than this graphprune ({WIDTHS_VERSION}); upgrade graphprune")
     with _parameters_on_meta():
-        model = _hf_call(lambda: AutoModelForCausalLM.from_config(config), folder)
+        model = _hf_call(lambda: auto.from_config(config) if auto is AutoModelForCausalLM else auto._from_config(config), folder)
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, shape in record.get("params", {}).items():
         if name not in params:
@@ -462,9 +551,10 @@ def load_hf(folder: str | os.PathLike, dtype=None) -> torch.nn.Module:
         module = model.get_submodule(owner) if owner else model
         module._parameters[leaf] = torch.nn.Parameter(torch.empty(shape, device="meta"), requires_grad=params[name].requires_grad)
     _fix_module_sizes(model)
-    _fix_unit_attributes(model, SimpleNamespace(groups=[
+    _fix_unit_attributes(model, SimpleNamespace(groups=[  # counts, and config views; version 2 records the numbers too
         SimpleNamespace(name=n, kind=k, keep=range(kept), size=total) for n, k, kept, total in record.get("groups", [])
     ]))
+    _set_numbers(model, record.get("attributes", {}), folder)
     state = _read_safetensors(folder)
     _check_state_fits(model, state, folder)
     model.load_state_dict(state, strict=False, assign=True)
@@ -475,6 +565,27 @@ def load_hf(folder: str | os.PathLike, dtype=None) -> torch.nn.Module:
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def _model_class(config):
+    """The transformers class the checkpoint was saved from (config.architectures), if there is one."""
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    return cls if isinstance(cls, type) and hasattr(cls, "from_pretrained") else None
+
+
+def _set_numbers(model: torch.nn.Module, numbers: dict, folder: Path) -> None:
+    for key, value in numbers.items():
+        owner, _, attr = key.rpartition(".")
+        try:
+            module = model.get_submodule(owner) if owner else model
+        except AttributeError:
+            module = None
+        if module is None or not hasattr(module, attr):
+            raise LoadError(f"{folder}: recorded {key!r}, which a {type(model).__name__} does not have: it belongs to a different model")
+        setattr(module, attr, value)
 
 
 def _check_state_fits(model: torch.nn.Module, state: dict, folder: Path) -> None:

@@ -8,7 +8,7 @@ import torch
 from conftest import analysed, fresh_inputs, outputs
 
 import graphprune
-from graphprune.module_apply import ModuleApplyError, apply_plan_to_module
+from graphprune.module_apply import ModuleApplyError, apply_plan_to_module, graph_weights
 from graphprune.plan import PlanGroup, PruningPlan, fill_counts
 
 
@@ -86,16 +86,84 @@ def test_from_compiled_model_takes_the_graph_weights(stories_dir):
 
 
 @pytest.mark.parametrize("arch, kinds, why", [
-    ("llama_gqa", ("hidden",), "differs from the pruned graph"),  # RMSNorm divides by the new width
+    ("gpt2", ("hidden",), "differs from the pruned graph"),  # LayerNorm's mean over the kept channels
     ("fused_qkv_attn", ("heads",), "cannot run at module level"),  # reshapes by a stored width
+    ("llama_gqa", ("head_dim",), "own head sizes"),  # q/k keep 8 channels (rotary pairs), v 9: one head_dim attribute
 ])
 def test_refuses_clearly_where_code_does_not_follow_weights(arch, kinds, why):
     model, traced, dg = analysed(arch)
-    plan = random_plan(dg, kinds, seed=1)
+    plan = random_plan(dg, kinds, seed=1, keep_fraction=0.6)
     with pytest.raises(ModuleApplyError, match=why) as info:
         apply_plan_to_module(model, plan=plan, dg=dg, example_kwargs=traced.example_kwargs)
     assert "graph" in str(info.value)  # says what to do instead
     assert isinstance(info.value, graphprune.GraphpruneError)
+
+
+@pytest.mark.parametrize("arch, kinds", [
+    ("llama_gqa", ("hidden",)),  # RMSNorms over the pruned residual stream
+    ("gemma", ("hidden",)),  # (1 + w) RMSNorms
+    ("olmo2", ("heads",)),  # q_norm / k_norm over the whole projection width
+])
+def test_rms_norms_over_pruned_channels_keep_the_graphs_divisor(arch, kinds):
+    model, traced, dg = analysed(arch)
+    plan = random_plan(dg, kinds, seed=2)
+    small = apply_plan_to_module(model, plan=plan, dg=dg, example_kwargs=traced.example_kwargs)  # checked
+    dense = dict(model.named_modules())
+    eps = "eps" if arch == "gemma" else "variance_epsilon"
+    norms = [name for name, m in small.named_modules() if isinstance(getattr(m, eps, None), float)]
+    rescaled = [name for name in norms if small.get_submodule(name).weight.shape != dense[name].weight.shape]
+    assert rescaled
+    for name in norms:  # eps * n / n': the sum of squares is divided by the kept width, eps follows
+        n, kept = dense[name].weight.shape[0], small.get_submodule(name).weight.shape[0]
+        assert getattr(small.get_submodule(name), eps) == pytest.approx(getattr(dense[name], eps) * n / kept)
+    assert {getattr(dense[name], eps) for name in norms} == {model.config.rms_norm_eps}, "the caller's model is untouched"
+    # fine-tuning copies module-level weights back into the graph: the rescaling is undone there
+    graph = graphprune.rewrite(dg, plan.leaf_keep(dg))
+    back = graph_weights(small, {n: p.detach() for n, p in small.named_parameters()})
+    for name in rescaled:
+        assert not torch.allclose(small.get_submodule(name).weight, graph.get_parameter(f"{name}.weight"))
+    for name, tensor in back.items():
+        torch.testing.assert_close(tensor, graph.get_parameter(name), rtol=1e-6, atol=1e-7)
+
+
+def test_attributes_read_differently_by_different_classes_are_settled_by_the_check():
+    # embed_dim is the query width GPT-BigCode splits by, and the model width CodeGen divides into chunks
+    for arch, scaled in (("gpt_bigcode", True), ("codegen", False)):
+        model, traced, dg = analysed(arch)
+        plan = random_plan(dg, ("heads",), seed=0)
+        small = apply_plan_to_module(model, plan=plan, dg=dg, example_kwargs=traced.example_kwargs)
+        g = plan.groups[0]
+        attn = small.get_submodule(g.name.rpartition(":")[0])
+        dense = model.get_submodule(g.name.rpartition(":")[0]).embed_dim
+        assert attn.embed_dim == (dense * len(g.keep) // g.size if scaled else dense)
+
+
+def test_per_layer_head_counts_read_from_the_config_get_a_config_view_per_layer():
+    model, traced, dg = analysed("phi3")  # Phi-3 slices its fused qkv by config.num_attention_heads at run time
+    plan = random_plan(dg, ("heads",), seed=0)
+    plan.groups[1].keep = list(range(plan.groups[1].size))  # layer 1 keeps every head: widths differ per layer
+    fill_counts(plan, dg)
+    small = apply_plan_to_module(model, plan=plan, dg=dg, example_kwargs=traced.example_kwargs)
+    layers = small.model.layers
+    assert layers[0].self_attn.config is not small.config and layers[0].self_attn.config.num_attention_heads == 2
+    assert layers[1].self_attn.config.num_attention_heads == 4 == small.config.num_attention_heads
+    assert model.config.num_attention_heads == 4 and model.model.layers[0].self_attn.config is model.config
+    # everything else is the model's config: switching the attention kernel reaches every layer
+    small.set_attn_implementation("eager")
+    assert {layer.self_attn.config._attn_implementation for layer in layers} == {"eager"}
+    again = copy.deepcopy(small)  # and the views survive copies (Trainer, peft)
+    assert again.model.layers[0].self_attn.config._base is again.config
+    assert again.model.layers[0].self_attn.config.num_attention_heads == 2
+
+
+def test_misaligned_expert_widths_keep_a_batched_kernel():
+    model, traced, dg = analysed("mixtral")
+    plan = random_plan(dg, ("channels",), seed=0, keep_fraction=0.77)  # 36 of 48: not a multiple of 8
+    assert {len(g.keep) % 8 for g in plan.groups} != {0}
+    small = apply_plan_to_module(model, plan=plan, dg=dg, example_kwargs=traced.example_kwargs)
+    assert small.config.experts_implementation == "batched_mm" == small.config._experts_implementation
+    assert "experts_implementation" in small.config.to_dict()  # goes into config.json
+    assert not hasattr(model.config, "experts_implementation")
 
 
 def test_needs_a_plan():
