@@ -239,7 +239,7 @@ def write_docs(new_cases: list[dict]) -> None:
     if SECTION in text:  # replace our section (up to the next "## " heading), keep the others
         start = text.index(SECTION)
         nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
+        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + section
     atomic_write_text(DOC_PATH, text)
