@@ -107,6 +107,10 @@ def method_config(method: str, caps: Caps, extra: dict) -> dict:
     return config
 
 
+def head_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip() or "?"
+
+
 def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
     import torch
 
@@ -122,7 +126,7 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
     long_len = min(LONG_CONTEXT, limit) if limit else LONG_CONTEXT
     method, _, ratio = case.partition(":")
     ratio = float(ratio or 0)
-    out: dict = {"case": case, "method": method, "ratio": ratio, "device": device, "rows": []}
+    out: dict = {"case": case, "method": method, "ratio": ratio, "device": device, "rows": [], "commit": head_commit()}
     calib = calibration("wikitext2", tok, n_samples=caps.calib_samples, seq_len=caps.calib_seq_len, seed=0)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -346,7 +350,8 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
     lines = [
         "# Quality: pruning methods on " + meta["model_name"],
         "",
-        f"Written by `{meta['command']}` on {meta['date']} ({meta['machine']}; commit {meta['commit']}).",
+        f"Written by `{meta['command']}` on {meta['date']} ({meta['machine']}; the cases ran at commit "
+        f"{', '.join(sorted({r['commit'] for r in results if r.get('commit')})) or meta['commit']}; cached cases are reused, see the module docstring).",
         "Do not edit by hand: re-run the command.",
         "",
         "**Caps of this run** (numbers are only comparable between runs with the same caps): "
@@ -474,7 +479,6 @@ def main() -> None:
     config = json.loads((Path(args.model) / "config.json").read_text()) if (Path(args.model) / "config.json").exists() else {}
     limit = config.get("max_position_embeddings")
     long_len = min(LONG_CONTEXT, limit) if limit else LONG_CONTEXT
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     import torch
 
     meta = {
@@ -482,7 +486,7 @@ def main() -> None:
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
                    + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"),
-        "commit": commit or "?",
+        "commit": head_commit(),  # the report's; each case records the code it ran with
         "model": args.model,
         "model_name": Path(args.model).name,
         "caps": asdict(caps),
