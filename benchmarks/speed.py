@@ -192,16 +192,17 @@ def markdown(result: dict) -> str:
     rows, meta = result["rows"], result["meta"]
     label = "CUDA" if "CUDA" in meta["provider"] else "CPU"
     lines = [f"## Speed ({label})", "",
-             f"Measured {meta['date']} on {meta['machine']}, {meta['provider']}, "
-             f"torch {meta['torch']}, onnxruntime {meta['onnxruntime']}. Reproduce with:", "",
-             "```", meta["command"], "```", "",
-             f"Median of {meta['settings']['repeats']} runs after a warm-up; decode = {meta['settings']['steps']} greedy steps after a "
+             f"{meta['provider']}, one model per run (`--models`), each measured with the command shown under it. "
+             f"Median of the repeats after a warm-up; decode = {meta['settings']['steps']} greedy steps after a "
              f"{meta['settings']['prompt']}-token prompt, with the KV cache. Speed-ups are over the dense model of the same run; "
              "*ideal* = dense block parameters / pruned block parameters. `r64` = channel widths rounded to multiples of 64.", ""]
     metrics = [k for k in rows[0]["ort"] if k != "peak_rss_mib"]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
-        lines += [f"### {model}", ""]
+        m = mine[0].get("measured", meta)
+        lines += [f"### {model}", "",
+                  f"Measured {m['date']} on {m['machine']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
+                  f"median of {m['settings']['repeats']}:", "", "```", m["command"], "```", ""]
         head = ["variant", "params", "ideal", "file MiB"]
         for engine, name in (("ort", "ORT"), ("torch", "PyTorch")):
             head += [f"{name} {_fmt_metric(m)}" for m in metrics] + [f"{name} peak RSS MiB"]
@@ -256,6 +257,7 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="*", help="subset of: smollm2 llama-1b (tiny with --quick)")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=None,
                     help="write docs/speed.json and the Speed section of docs/performance.md (default: yes unless --quick)")
+    ap.add_argument("--repeats", type=int, help="timed runs per measurement (default 5; 2 with --quick)")
     ap.add_argument("--optimize", action="store_true",
                     help="export with ONNX Runtime's fusions (graphprune.export_onnx(optimize=True), kept only with parity)")
     ap.add_argument("--variant", nargs=2, help=argparse.SUPPRESS)
@@ -269,6 +271,8 @@ def main(argv=None) -> None:
         print(json.dumps(run_variant(*args.variant, json.loads(args.settings), provider, Path(args.workdir))))
         return
     settings = dict(QUICK if args.quick else FULL, optimize=args.optimize)
+    if args.repeats:
+        settings["repeats"] = args.repeats
     models = args.models or (["tiny"] if args.quick else ["smollm2", "llama-1b"])
     if "smollm2" in models and not (SMOLLM2_DIR / SMOLLM2_GGUF).exists():
         raise SystemExit(f"SmolLM2 is not at {SMOLLM2_DIR}; run ../shared/data/fetch_smollm2.sh first")
@@ -282,20 +286,27 @@ def main(argv=None) -> None:
                 print(f"{model} {variant} ...", file=sys.stderr, flush=True)
                 rows.append(_run_subprocess(model, variant, settings, provider, Path(workdir)))
     _speedups(rows)
-    cmd = COMMAND + (" --quick" if args.quick else "") + (f" --provider {args.provider}" if args.provider != "auto" else "")
-    cmd += " --optimize" if args.optimize else ""
+    cmd = (COMMAND + " " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": cmd,
             "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})", "provider": provider,
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
             "settings": settings, "torch_threads": torch.get_num_threads()}
+    for r in rows:
+        r["measured"] = meta
     result = {"meta": meta, "rows": rows}
+    write = args.write if args.write is not None else not args.quick
+    data = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else {}
+    key = "cuda" if "CUDA" in provider else "cpu"
+    if write and key in data:  # the models not measured now keep their rows (and say when they were measured)
+        old = data[key]
+        kept = [{**r, "measured": r.get("measured", old["meta"])} for r in old["rows"] if r["model"] not in models]
+        result["rows"] = kept + rows
     section = markdown(result)
     print(section)
-    if args.write if args.write is not None else not args.quick:
+    if write:
         from graphprune.plan import atomic_write_text
 
-        data = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else {}
-        data["cuda" if "CUDA" in provider else "cpu"] = result
+        data[key] = result
         atomic_write_text(JSON_PATH, json.dumps(data, indent=1))
         write_doc(section)
         print(f"wrote {JSON_PATH.relative_to(REPO)} and {DOC_PATH.relative_to(REPO)}", file=sys.stderr)
