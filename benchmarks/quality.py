@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import resource
 import subprocess
 import sys
@@ -341,6 +342,19 @@ def plot_widths(results: list[dict], path: Path) -> Path | None:
     return path
 
 
+def noise_note(caps: dict) -> list[str]:
+    """How far apart two zero-shot numbers must be to mean anything, at this run's question count."""
+    n = caps.get("max_examples")
+    if not n:
+        return []
+    task = 100 * (0.25 / n) ** 0.5  # binomial standard error at p = 0.5, the worst case
+    avg = task / len(TASK_LABELS) ** 0.5
+    return [f"With {n} questions per task, one task's accuracy has a standard error of up to {task:.1f} points and the "
+            f"{len(TASK_LABELS)}-task average about {avg:.1f} points: zero-shot differences smaller than about "
+            f"{2 * avg:.0f} points are noise (a model with a perplexity in the thousands still scores near chance, "
+            "which is 25-50% per task). Perplexity is the sharper measure here.", ""]
+
+
 def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) -> None:
     from graphprune.plan import atomic_write_text
 
@@ -369,6 +383,7 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
         "",
         table(results, long_len),
         "",
+        *noise_note(caps),
     ]
     checks = targets(results)
     meta = {**meta, "targets": checks}
@@ -482,7 +497,7 @@ def main() -> None:
     import torch
 
     meta = {
-        "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/quality.py " + shlex.join(sys.argv[1:]),
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
                    + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"),
