@@ -366,7 +366,8 @@ def _compile_text(compiled, result: dict, out: Path) -> str:
         lines.append(f"fine-tuned: {f.get('steps')} LoRA steps on {f['data']} with {f.get('backend', '?')}{loss}")
     hf = result.get("hf")
     if hf and hf.get("saved"):
-        how = "graphprune.load_hf(DIR) restores its per-layer widths" if hf.get("per_layer") else "AutoModelForCausalLM.from_pretrained(DIR) loads it"
+        how = ("graphprune.load_hf(DIR) loads it (its config keeps a graphprune_widths record: per-layer widths or "
+               "norm constants that a plain from_pretrained cannot apply)") if hf.get("per_layer") else "AutoModelForCausalLM.from_pretrained(DIR) loads it"
         lines.append(f"transformers checkpoint: yes ({how})")
     elif hf:
         lines.append(f"transformers checkpoint: no — {hf.get('reason', '')}")
