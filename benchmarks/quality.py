@@ -165,8 +165,10 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
 
 # ================================================================ orchestration (parent process)
 def cache_path(case: str, model: str, caps: dict, method_config: dict) -> Path:
-    """Where a finished case is kept: one file per (model, case, caps, method options)."""
-    key = json.dumps({"case": case, "model": str(model), "caps": caps, "method_config": method_config}, sort_keys=True)
+    """Where a finished case is kept: one file per (model, case, caps, the options of the case's own
+    method), so changing one method's options re-runs only that method's cases."""
+    own = method_config.get(case.split(":")[0], {})
+    key = json.dumps({"case": case, "model": str(model), "caps": caps, "options": own}, sort_keys=True)
     return CACHE_DIR / f"{case.replace(':', '_')}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
