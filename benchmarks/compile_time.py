@@ -55,12 +55,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from _docs import PERFORMANCE, write_section
 from _memory import lifetime_peak_rss_mib, rss_mib
 from _models import FETCH_SMOLLM2, SMOLLM2_DIR, SMOLLM2_GGUF
 
 REPO = Path(__file__).resolve().parents[1]
 JSON_PATH = REPO / "docs" / "compile_time.json"
-DOC_PATH = REPO / "docs" / "performance.md"
 COMMAND = "python benchmarks/compile_time.py"
 
 RATIO = 0.5
@@ -402,19 +402,6 @@ def doc_section(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(section: str, path: Path = DOC_PATH) -> None:
-    """Insert or replace the '## Compile time' section of ``path`` (up to the next '## ' heading)."""
-    text = path.read_text() if path.exists() else "# Performance\n\n"
-    pattern = re.compile(r"^## Compile time\n.*?(?=^## |\Z)", re.S | re.M)
-    new = section.rstrip("\n") + "\n"
-    if pattern.search(text):
-        text = pattern.sub(lambda _: new + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + new
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 # ================================================================ main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -424,7 +411,7 @@ def main(argv=None) -> int:
     ap.add_argument("--result-file", help="with --case: write the result JSON here instead of stdout")
     ap.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=None,
                     help=f"write {JSON_PATH.relative_to(REPO)} and the '## Compile time' section of "
-                         f"{DOC_PATH.relative_to(REPO)} (default: yes for a full run, no with --quick)")
+                         f"{PERFORMANCE.relative_to(REPO)} (default: yes for a full run, no with --quick)")
     ap.add_argument("--repeats", type=int, default=None,
                     help="runs per case, each in a fresh subprocess; times are medians (default: 3, or 1 with --quick)")
     args = ap.parse_args(argv)
@@ -496,10 +483,11 @@ def main(argv=None) -> int:
     print(f"\nbenchmark wall time {wall:.0f} s")
 
     if write_docs:
-        JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
-        JSON_PATH.write_text(json.dumps(report, indent=1) + "\n")
-        write_doc(doc_section(report))
-        print(f"wrote {JSON_PATH.relative_to(REPO)} and {DOC_PATH.relative_to(REPO)}")
+        from graphprune.plan import atomic_write_text
+
+        atomic_write_text(JSON_PATH, json.dumps(report, indent=1) + "\n")
+        write_section(doc_section(report))
+        print(f"wrote {JSON_PATH.relative_to(REPO)} and {PERFORMANCE.relative_to(REPO)}")
     return 0
 
 

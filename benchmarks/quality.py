@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import shlex
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,8 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from _memory import lifetime_peak_rss_mib
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -74,7 +75,7 @@ QUICK = dict(max_tokens=1024, max_examples=12, finetune_steps=4, finetune_batch=
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return lifetime_peak_rss_mib() / 1024
 
 
 # ================================================================ one case (child process)

@@ -50,14 +50,14 @@ import sys
 import time
 from pathlib import Path
 
-from _memory import MIB, lifetime_peak_rss_mib, peak_rss_mib, release_free_heap, reset_peak, rss_mib
+from _docs import PERFORMANCE, write_section
+from _memory import lifetime_peak_rss_mib, peak_rss_mib, release_free_heap, reset_peak, rss_mib
 from _models import FETCH_SMOLLM2, SMOLLM2_DIR, SMOLLM2_GGUF, build
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("smollm2", "llama-1b")
 MODEL_LABELS = {"smollm2": "SmolLM2-135M-Instruct", "llama-1b": "random-weight Llama-3.2-1B-shaped"}
 JSON_PATH = REPO / "docs" / "scoring_cost.json"
-DOC_PATH = REPO / "docs" / "performance.md"
 SECTION = "## Scoring cost"
 METHODS = ("taylor", "hywia", "loraprune")
 RATIO = 0.5
@@ -228,21 +228,12 @@ def merged_cases(old: list[dict], new: list[dict]) -> list[dict]:
 
 
 def write_docs(new_cases: list[dict]) -> None:
-    sys.path.insert(0, str(REPO))
     from graphprune.plan import atomic_write_text
 
     old = json.loads(JSON_PATH.read_text()).get("cases", []) if JSON_PATH.exists() else []
     cases = merged_cases(old, new_cases)
     atomic_write_text(JSON_PATH, json.dumps({"cases": cases}, indent=1))
-    text = DOC_PATH.read_text() if DOC_PATH.exists() else "# Performance\n"
-    section = markdown(cases)
-    if SECTION in text:  # replace our section (up to the next "## " heading), keep the others
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    atomic_write_text(DOC_PATH, text)
+    write_section(markdown(cases))
 
 
 def main() -> None:
@@ -280,7 +271,7 @@ def main() -> None:
     print(markdown(cases))
     if not args.quick and not args.no_write:
         write_docs(cases)
-        print(f"wrote {JSON_PATH.relative_to(REPO)} and the '{SECTION}' section of {DOC_PATH.relative_to(REPO)}", file=sys.stderr)
+        print(f"wrote {JSON_PATH.relative_to(REPO)} and the '{SECTION}' section of {PERFORMANCE.relative_to(REPO)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

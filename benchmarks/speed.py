@@ -37,7 +37,6 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -45,12 +44,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from _docs import PERFORMANCE, write_section
 from _memory import peak_rss_mib, reset_peak
 from _models import SMOLLM2_DIR, SMOLLM2_GGUF, build
 
 REPO = Path(__file__).resolve().parents[1]
 JSON_PATH = REPO / "docs" / "speed.json"
-DOC_PATH = REPO / "docs" / "performance.md"
 COMMAND = "python benchmarks/speed.py"
 
 VARIANTS = {"dense": (0.0, 1), "25%": (0.25, 1), "50%": (0.5, 1), "50% r64": (0.5, 64)}  # (ratio, round_to)
@@ -239,17 +238,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(section: str, path: Path = DOC_PATH) -> None:
-    """Insert or replace this section (same '## Speed (...)' heading) of ``path``, up to the next '## '."""
-    from graphprune.plan import atomic_write_text
-
-    heading = section.splitlines()[0]
-    text = path.read_text() if path.exists() else "# Performance\n"
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-    atomic_write_text(path, text)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny Llama, short inputs, 2 repeats; writes nothing")
@@ -308,8 +296,8 @@ def main(argv=None) -> None:
 
         data[key] = result
         atomic_write_text(JSON_PATH, json.dumps(data, indent=1))
-        write_doc(section)
-        print(f"wrote {JSON_PATH.relative_to(REPO)} and {DOC_PATH.relative_to(REPO)}", file=sys.stderr)
+        write_section(section)
+        print(f"wrote {JSON_PATH.relative_to(REPO)} and {PERFORMANCE.relative_to(REPO)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
