@@ -53,14 +53,21 @@ def _ratio(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _integer_at_least(minimum: int, expected: str, bound: str):
+    """An argparse type: an integer no smaller than ``minimum`` (messages name the bound)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+    return parse
+
+
+_positive = _integer_at_least(1, "a positive integer", "at least 1")
+_non_negative = _integer_at_least(0, "an integer >= 0", ">= 0")
 
 
 def _round_to(text: str) -> int | dict[str, int]:
@@ -74,16 +81,6 @@ def _round_to(text: str) -> int | dict[str, int]:
             raise argparse.ArgumentTypeError(f"expected KIND=N, got {part!r}")
         out[kind.strip()] = _positive(value)
     return out
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _csv(text: str) -> list[str]:

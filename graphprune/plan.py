@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .analysis import DEFAULT_KINDS, DependencyGraph, Group
+from .analysis import ALL_KINDS, DEFAULT_KINDS, DependencyGraph, Group
 from .analysis.groups import select_groups
 from .errors import LoadError, PlanError
 
@@ -180,8 +180,6 @@ def check_ratio(ratio: float) -> float:
 def rounding(round_to) -> dict[str, int]:
     """``round_to`` as ``{kind: multiple}``: an int applies to the one-channel kinds (channels,
     hidden); a mapping names kinds itself, e.g. ``{"channels": 64, "heads": 2}`` (KV groups in pairs)."""
-    from .analysis import ALL_KINDS
-
     def positive(v, what):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise PlanError(f"round_to{what} must be a positive integer, got {v!r}")

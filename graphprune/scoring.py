@@ -58,7 +58,7 @@ class ScoringContext:
     kinds: tuple = DEFAULT_KINDS
     ignore: tuple = ()
     allocation: str = "uniform"
-    round_to: int = 1
+    round_to: int | dict = 1
     info: dict = field(default_factory=dict)  # facts a pass reports (fusion weights, per-layer sparsity)
 
 
@@ -196,7 +196,7 @@ def score(
     example_kwargs: dict | None = None,
     ratio: float | None = None,
     allocation: str | None = None,
-    round_to: int = 1,
+    round_to: int | dict = 1,
     **config,
 ) -> Scores:
     """Importance of every unit of every selected group: ``{group name: 1-D tensor}`` (a :class:`Scores`).
