@@ -26,6 +26,22 @@ def analysed(name: str):
     return model, traced, graphprune.analyze(traced)
 
 
+def planted_mlp(model, factor: float, layer: int = 0, zero: int = 3, dominant: int = 5):
+    """A copy of a Llama-style ``model`` whose MLP channel ``zero`` of ``layer`` is zeroed and
+    channel ``dominant`` scaled by ``factor`` (gate/up rows and down_proj columns)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        mlp = model.model.layers[layer].mlp
+        for lin in (mlp.gate_proj, mlp.up_proj):
+            lin.weight[zero] = 0.0
+            lin.weight[dominant] *= factor
+        mlp.down_proj.weight[:, zero] = 0.0
+        mlp.down_proj.weight[:, dominant] *= factor
+    return model
+
+
 def outputs(x) -> list[torch.Tensor]:
     return [t for t in torch.utils._pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn as nn
-from conftest import analysed
+from conftest import analysed, planted_mlp
 
 import graphprune
 from graphprune.registry import PASSES
@@ -108,15 +108,7 @@ def test_unknown_method_lists_available():
 def test_magnitude_ranks_planted_units():
     """A channel whose weights are scaled to zero is removed first; a dominant one is kept."""
     model, _, _ = analysed("llama_gqa")
-    import copy
-
-    planted = copy.deepcopy(model)
-    with torch.no_grad():
-        mlp = planted.model.layers[0].mlp
-        for lin in (mlp.gate_proj, mlp.up_proj):
-            lin.weight[3] = 0.0
-            lin.weight[5] *= 100
-        mlp.down_proj.weight[:, 3] = 0.0
+    planted = planted_mlp(model, factor=100)
     small = graphprune.compile(planted, ratio=0.3, progress=False)
     keep = next(g.keep for g in small.plan.groups if g.name == "model.layers.0.mlp:channels")
     assert 3 not in keep and 5 in keep

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import zoo
-from conftest import ARCHS, analysed
+from conftest import ARCHS, analysed, planted_mlp
 
 import graphprune
 from graphprune.analysis.walk import fetch_attr
@@ -75,14 +75,8 @@ def planted():
     """llama_gqa with MLP channel 3 of layer 0 zeroed and channel 5 made dominant, and KV head 1 of
     layer 1 zeroed (its k/v rows, the q rows of its two query heads, their o_proj columns)."""
     model, traced, _ = analysed("llama_gqa")
-    model = copy.deepcopy(model)
+    model = planted_mlp(model, factor=20)
     with torch.no_grad():
-        mlp = model.model.layers[0].mlp
-        for lin in (mlp.gate_proj, mlp.up_proj):
-            lin.weight[3] = 0.0
-            lin.weight[5] *= 20
-        mlp.down_proj.weight[:, 3] = 0.0
-        mlp.down_proj.weight[:, 5] *= 20
         attn = model.model.layers[1].self_attn
         d = 16  # head_dim; query heads 2 and 3 read KV head 1
         attn.k_proj.weight[d:2 * d] = 0.0
