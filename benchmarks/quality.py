@@ -337,11 +337,12 @@ def plot_widths(results: list[dict], path: Path) -> Path | None:
             handles.setdefault(label, h)
     fig.legend(list(handles.values()), list(handles), fontsize=8, loc="upper center", ncol=len(handles), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from graphprune.plan import atomic_write
+
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -467,12 +468,12 @@ def main() -> None:
         except Exception:
             traceback.print_exc()
             sys.exit(1)
-        Path(args.result).write_text(json.dumps(result, default=str))
-        cached = cache_path(args.case, args.model, json.loads(args.caps), args.method_config)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, default=str))
-        os.replace(tmp, cached)  # a finished case survives an interrupted run
+        from graphprune.plan import atomic_write_text
+
+        text = json.dumps(result, default=str)
+        Path(args.result).write_text(text)
+        # a finished case survives an interrupted run
+        atomic_write_text(cache_path(args.case, args.model, json.loads(args.caps), args.method_config), text)
         return
 
     caps = Caps(**(QUICK if args.quick else {}))

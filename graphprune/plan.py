@@ -126,17 +126,23 @@ class PruningPlan:
         return cls.from_dict(data)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
+    """``write(tmp)`` to a temporary file in ``path``'s folder, then rename it to ``path``: never a
+    half-written file. ``suffix`` keeps the extension writers infer a format from (``.png``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # ================================================================ counting

@@ -6,10 +6,10 @@ kept more. Needs matplotlib (the ``plot`` extra); :func:`plot_widths` says so wh
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from .errors import GraphpruneError
+from .plan import atomic_write
 
 
 def _rows(report) -> tuple[list[str], dict[str, list[tuple[int, int] | None]]]:
@@ -51,15 +51,8 @@ def plot_widths(report, path: str | os.PathLike, title: str | None = None) -> Pa
     axes[-1, 0].set_xlabel("layer")
     fig.suptitle(title or f"{report.method}: kept widths per layer (achieved {report.achieved_ratio:.1%} of block params)", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
     finally:
         plt.close(fig)
     return path

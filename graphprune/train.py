@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import GraphpruneError
+from .plan import atomic_write
 
 CHECKPOINT = "train_state.pt"
 
@@ -107,14 +106,7 @@ def _save_checkpoint(path: Path, params, optimizer, result: TrainResult) -> None
         "result": asdict(result),
         "rng": torch.get_rng_state(),
     }
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{CHECKPOINT}.")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path / CHECKPOINT)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
 
 def _load_checkpoint(path: Path, params, optimizer) -> TrainResult | None:
