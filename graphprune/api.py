@@ -20,8 +20,8 @@ import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
 from .analysis import DEFAULT_KINDS, DependencyGraph, analyze
-from .analysis.groups import block_of
-from .errors import ExportError, GraphpruneError, LoadError
+from .analysis.groups import block_of, end_block_patterns, select_groups
+from .errors import ExportError, GraphpruneError, LoadError, PlanError
 from .flops import count_flops, flops_tokens
 from .masking import insert_masks
 from .plan import PruningPlan, atomic_write_text, check_ratio, make_plan
@@ -281,6 +281,17 @@ def _stage(seconds: dict, name: str, bar):
         bar.update(1)
 
 
+def check_protect_layers(value) -> tuple[int, int]:
+    """``(first, last)``: how many blocks at each end stay whole; a clear error for anything else."""
+    try:
+        first, last = value
+    except (TypeError, ValueError):
+        first = last = None
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (first, last)):
+        raise GraphpruneError(f"protect_layers must be two counts >= 0 (first, last), e.g. (4, 2); got {value!r}")
+    return first, last
+
+
 def compile(
     model: torch.nn.Module,
     ratio: float = 0.5,
@@ -290,6 +301,7 @@ def compile(
     allocation: str | None = None,
     round_to: int | dict = 1,
     ignore=(),
+    protect_layers: tuple[int, int] = (0, 0),
     calib=None,
     tokenizer=None,
     n_samples: int = 16,
@@ -310,13 +322,15 @@ def compile(
     (same fraction per layer) or ``"global"`` (default: the method's preference, e.g. global for
     HyWIA, else uniform); ``round_to`` keeps channel widths at multiples (an int), or the widths of
     the kinds it names (``{"channels": 64, "heads": 2}``);
-    ``ignore`` protects modules by name pattern; ``plan`` replays a saved plan instead of scoring.
+    ``ignore`` protects modules by name pattern, ``protect_layers=(first, last)`` the first and
+    last transformer blocks (LLM-Pruner's recipe is ``(4, 2)`` of 32); ``plan`` replays a saved plan instead of scoring.
     Data-driven methods take ``calib`` (a corpus name such as ``"wikitext2"``, a text file, a
     ``datasets.Dataset``, a list of strings, or token ids) as ``n_samples`` windows of ``seq_len``
     tokens drawn with ``seed``; text is tokenized with ``tokenizer`` (default: the model's own,
     from the local folder it was loaded from). The caller's model is never modified.
     """
     ratio = check_ratio(ratio)
+    protect_layers = check_protect_layers(protect_layers)
     scorer_cls = type(method) if not isinstance(method, str) else (get_pass(method) if plan is None else None)
     if allocation is None:
         allocation = getattr(scorer_cls, "default_allocation", "uniform")
@@ -331,6 +345,10 @@ def compile(
             traced = trace(model, example_inputs=example_inputs, example_kwargs=example_kwargs)
         with _stage(seconds, "analyze", bar):
             dg = analyze(traced, strict=strict)
+            ignore = (*ignore, *end_block_patterns(dg.groups, *protect_layers))
+            if plan is None and ratio > 0 and not select_groups(dg.groups, kinds, ignore):
+                raise PlanError(f"nothing left to prune: no group of kinds {list(kinds)} escapes ignore={list(ignore)} "
+                                f"(protect_layers={protect_layers}); the graph has {len(dg.groups)} groups")
         with _stage(seconds, "score", bar):
             scores = None if plan is not None else score(
                 dg, method, kinds=kinds, ignore=ignore, calib=calib, progress=progress, tokenizer=tokenizer,

@@ -83,6 +83,14 @@ def _round_to(text: str) -> int | dict[str, int]:
     return out
 
 
+def _protect_layers(text: str) -> tuple[int, int]:
+    """``4,2``: the first 4 and the last 2 blocks stay whole."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected FIRST,LAST (two counts, e.g. 4,2), got {text!r}")
+    return _non_negative(parts[0].strip()), _non_negative(parts[1].strip())
+
+
 def _csv(text: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
@@ -140,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep channel widths at multiples of N (e.g. 64), or per kind: channels=64,heads=2")
     c.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="protect modules whose name matches (glob, e.g. 'model.layers.0.*'); repeatable")
+    c.add_argument("--protect-layers", type=_protect_layers, default=(0, 0), metavar="FIRST,LAST",
+                   help="leave the first FIRST and last LAST transformer blocks whole (LLM-Pruner: 4,2)")
     c.add_argument("--option", "-O", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="an option of the scoring pass (see 'graphprune methods'); repeatable")
     c.add_argument("--plan", metavar="PLAN.json", help="replay a saved plan instead of scoring")
@@ -321,7 +331,8 @@ def cmd_compile(args) -> int:
     plan = PruningPlan.load(args.plan) if args.plan else None
     compiled = api.compile(
         model, args.ratio, args.method, kinds=tuple(args.kinds) if args.kinds else None,  # None: the method's own default kinds
-        allocation=args.allocation, round_to=args.round_to, ignore=tuple(args.ignore), calib=calib,
+        allocation=args.allocation, round_to=args.round_to, ignore=tuple(args.ignore),
+        protect_layers=args.protect_layers, calib=calib,
         tokenizer=tokenizer, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, plan=plan,
         example_kwargs=loaded.example_kwargs, strict=args.strict, progress=_progress(args), **options,
     )

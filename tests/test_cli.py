@@ -83,7 +83,7 @@ def test_a_bad_argument_exits_2_with_one_line_in_a_real_process(stories_dir, tmp
 @pytest.mark.parametrize("argv, must_mention", [
     ([], ["compile", "inspect", "eval", "export", "methods", "Exit status"]),
     (["compile"], ["MODEL", "--ratio", "--method", "--calib", "--out", "--onnx", "--finetune-steps", "--kinds",
-                   "--allocation", "--round-to", "--ignore", "--option", "--plan", "--plugin", "--json", "--verify"]),
+                   "--allocation", "--round-to", "--ignore", "--protect-layers", "--option", "--plan", "--plugin", "--json", "--verify"]),
     (["inspect"], ["MODEL", "--json", "--members"]),
     (["eval"], ["DIR_OR_MODEL", "--ppl", "--tasks", "--seq-len", "--max-tokens", "--limit", "--onnx"]),
     (["export"], ["DIR", "--onnx", "--output", "--dtype", "--optimize"]),
@@ -108,6 +108,8 @@ def _bad_arguments(tmp: Path) -> list[tuple[list[str], str]]:
         (["compile", s, "--out", str(tmp), "--method", "nope"], "unknown --method"),
         (["compile", s, "--out", str(tmp), "-O", "nope=1"], "no such option"),
         (["compile", s, "--out", str(tmp), "--plugin", str(tmp / "missing.py")], "no such file"),
+        (["compile", s, "--out", str(tmp), "--protect-layers", "4"], "--protect-layers"),
+        (["compile", s, "--out", str(tmp), "--protect-layers", "4,-1"], "--protect-layers"),
         (["frobnicate"], "invalid choice"),
         (["eval", s, "--tasks", "nope"], "unknown task"),
         (["eval", s, "--seq-len", "x"], "--seq-len"),

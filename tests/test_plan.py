@@ -70,6 +70,37 @@ def test_ignore_protects_modules(medium):
     assert not [g for g in plan.groups if g.name.startswith("model.layers.0.")]
 
 
+def test_end_block_patterns_name_the_first_and_last_blocks(medium):
+    _, dg, _ = medium
+    from graphprune.analysis.groups import end_block_patterns
+
+    assert end_block_patterns(dg.groups, 1, 1) == ["model.layers.0.*", "model.layers.3.*"]
+    assert end_block_patterns(dg.groups, 0, 2) == ["model.layers.2.*", "model.layers.3.*"]
+    assert end_block_patterns(dg.groups, 0, 0) == []
+    assert len(end_block_patterns(dg.groups, 9, 9)) == 4  # more than there are: every block, once
+
+
+def test_protect_layers_leaves_the_end_blocks_whole_and_still_meets_the_ratio(medium):
+    model, _, _ = medium
+    small = graphprune.compile(model, 0.3, protect_layers=(1, 1), progress=False)
+    pruned_blocks = {g.name.split(":")[0].rsplit(".", 1)[0] for g in small.plan.groups if len(g.keep) < g.size}
+    assert pruned_blocks and pruned_blocks <= {"model.layers.1", "model.layers.2"}, pruned_blocks
+    assert abs(small.report.achieved_ratio - 0.3) <= 0.02
+
+
+def test_protecting_every_block_is_a_clear_error(medium):
+    model, _, _ = medium
+    with pytest.raises(graphprune.PlanError, match="nothing left to prune"):
+        graphprune.compile(model, 0.3, method="taylor", calib=torch.randint(0, 128, (2, 16)), protect_layers=(2, 2), progress=False)
+
+
+@pytest.mark.parametrize("bad", [(-1, 0), (1,), "4,2", (True, 0), (1.5, 2), None])
+def test_bad_protect_layers_raise(medium, bad):
+    model, _, _ = medium
+    with pytest.raises(graphprune.GraphpruneError, match="protect_layers"):
+        graphprune.compile(model, 0.3, protect_layers=bad, progress=False)
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "0.5", True])
 def test_bad_ratios_raise(medium, bad):
     model, dg, scores = medium

@@ -188,6 +188,26 @@ def _natural_key(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+def end_block_patterns(groups: list[Group], first: int, last: int) -> list[str]:
+    """``ignore`` patterns for the first ``first`` and last ``last`` transformer blocks of every stack.
+
+    Blocks are read from the groups' parameters (``model.layers.3.mlp...`` is block 3 of stack
+    ``model.layers``), so this works for any naming; LLM-Pruner leaves LLaMA-7B's first 4 and
+    last 2 of 32 blocks whole (``first=4, last=2``).
+    """
+    stacks: dict[str, set[int]] = {}
+    for g in groups:
+        for block in g.blocks:
+            stack, _, index = block.rpartition(".")
+            stacks.setdefault(stack, set()).add(int(index))
+    patterns = []
+    for stack, indices in sorted(stacks.items()):
+        ordered = sorted(indices)
+        protected = ordered[:first] + (ordered[-last:] if last else [])
+        patterns += [f"{stack}.{i}.*" for i in sorted(set(protected))]
+    return patterns
+
+
 def select_groups(groups: list[Group], kinds=DEFAULT_KINDS, ignore=()) -> list[Group]:
     """Groups of the wanted kinds whose members touch no ignored module."""
     unknown = set(kinds) - set(ALL_KINDS)
