@@ -20,7 +20,13 @@ Choices where the paper is not specific (no public code):
   and ``"l2"`` are available (they reduce HyWIA to an equal-weight average).
 * One fusion per group: a group already is one layer's units of one kind (heads, MLP channels).
 * ``temperature`` (default 1) divides the logits on top of ``√n``; the weights are sharp for
-  wide layers, because the logit gap grows as ``√n``.
+  wide layers, because the logit gap grows as ``√n`` (on SmolLM2-135M's 1536-wide MLPs the
+  attention gives the coarse score almost all the weight; ``temperature≈√n`` makes it soft).
+* ``scale="fine"`` (default) multiplies the fused vector by the group's mean fine-grained score
+  before the global ranking. Normalising makes every group average 1, which would throw away how
+  much a layer matters as a whole: the global ranking would compare only the *shapes* of the
+  layers' score distributions. Measured on SmolLM2-135M at 20% (MLP channels, WikiText-2
+  *validation* PPL, dense 42.2): ``"none"`` 109.6, ``"fine"`` 87.8, ``"coarse"`` 87.4.
 
 The fusion weights used and, when the target ratio is known, the sparsity the plan gives each
 group are kept on the pass (``fusion_weights``, ``layer_sparsity``) and reported in
@@ -88,6 +94,7 @@ class HyWIA(ScoringPass):
         normalize: str = "mean"  # "mean", "zscore" or "l2" (see the module docstring)
         query: str = "mean"  # "mean" (mean of the two tokens) or "self" (self-attention)
         temperature: float = 1.0
+        scale: str = "fine"  # "fine", "coarse" or "none": the group's own scale the fused score is put back on
         batch_size: int = 4
 
         def __post_init__(self):
@@ -97,6 +104,8 @@ class HyWIA(ScoringPass):
                 raise GraphpruneError(f"hywia: aggregate must be 'sum', 'mean' or 'max' (scores must stay non-negative), not {self.aggregate!r}")
             if self.normalize not in ("mean", "zscore", "l2") or self.query not in ("mean", "self"):
                 raise GraphpruneError(f"hywia: normalize in mean/zscore/l2 and query in mean/self, got {self.normalize!r}, {self.query!r}")
+            if self.scale not in ("none", "fine", "coarse"):
+                raise GraphpruneError(f"hywia: scale must be 'none', 'fine' or 'coarse', not {self.scale!r}")
             if not self.temperature > 0:
                 raise GraphpruneError(f"hywia: temperature must be positive, got {self.temperature!r}")
 
@@ -114,6 +123,8 @@ class HyWIA(ScoringPass):
             i_f = aggregate(member_scores(ctx, g, grads, "element", c.order), c.aggregate, g.size)
             i_c = aggregate(member_scores(ctx, g, grads, "vector"), c.aggregate, g.size)
             fused, alpha = fuse(i_f, i_c, c.normalize, c.query, c.temperature)
+            if c.scale != "none":
+                fused = fused * (i_f if c.scale == "fine" else i_c).double().mean()
             out[g.name] = fused.float()
             self.fusion_weights[g.name] = (float(alpha[0]), float(alpha[1]))
         if ctx.ratio is not None and ctx.groups:

@@ -206,6 +206,20 @@ def test_hywia_reports_fusion_and_per_layer_sparsity_and_prefers_global_allocati
     assert uniform.plan.allocation == "uniform"
 
 
+def test_hywia_scale_puts_each_group_back_on_its_own_importance():
+    plain, scaled = run("llama_gqa", "hywia", scale="none"), run("llama_gqa", "hywia", scale="fine")
+    factors = []
+    for name, v in plain.items():
+        ratio = scaled[name].double() / v.double()
+        assert torch.allclose(ratio, ratio.mean().expand_as(ratio), rtol=1e-4), name  # one factor per group
+        assert ratio.mean() > 0
+        factors.append(ratio.mean().item())
+        assert v.double().mean().item() == pytest.approx(1.0, rel=1e-4)  # unscaled: every group averages 1
+    assert max(factors) > 1.5 * min(factors)  # groups differ in importance, so the global ranking changes
+    with pytest.raises(graphprune.GraphpruneError, match="scale"):
+        run("llama_gqa", "hywia", scale="both")
+
+
 # ================================================================ LoRAPrune
 class OneLayerLM(nn.Module):
     """Embedding -> one MLP (fc1, GELU, fc2) with a residual -> LM head."""
