@@ -59,19 +59,23 @@ class Caps:
     finetune_steps: int = 200
     finetune_batch: int = 4
     finetune_seq_len: int = 256
-    finetune_lr: float = 1e-4
+    finetune_lr: float = 5e-4
+    finetune_distill: float = 1.0  # weight of the KL to the dense model's logits in the recovery loss (rest: CE)
     finetune_data: str = "instruct/alpaca_data.json.gz"
     lora_r: int = 8
     lora_alpha: float = 16
     calib_samples: int = 32
     calib_seq_len: int = 128
     method_steps: int | None = None  # overrides the `steps` option of passes that train (LoRAPrune, Bernoulli, PAT)
+    # the pruning recipe, the same for every method that has no kinds of its own (PAT prunes the hidden size):
+    kinds: str = "channels"  # comma list ("" = each method's default); see RECIPE_NOTE for why not heads
+    protect_layers: str = "4,2"  # first,last blocks left whole by the uniform-allocation methods (LLM-Pruner's recipe)
     eval_batch: int = 8
     device: str = "auto"
 
 
 QUICK = dict(max_tokens=1024, max_examples=12, finetune_steps=4, finetune_batch=2, finetune_seq_len=256,
-             calib_samples=4, calib_seq_len=64, method_steps=4)
+             calib_samples=4, calib_seq_len=64, method_steps=4, protect_layers="1,1")
 
 
 def peak_rss_gib() -> float:
@@ -98,15 +102,64 @@ def evaluate_row(model, tok, caps: Caps, long_len) -> dict:
 
 
 def method_config(method: str, caps: Caps, extra: dict) -> dict:
+    """The options ``compile`` gets for ``method``: ``--method-config`` first, then the caps' recipe.
+
+    The recipe (``kinds``) applies to every method without kinds of its own; ``protect_layers``
+    only to those that allocate uniformly — a global ranking (HyWIA, Bernoulli) decides each
+    layer's share from its scores, which is the point of those methods.
+    """
     import dataclasses
 
     from graphprune.registry import get_pass
 
+    cls = get_pass(method)
     config = dict(extra.get(method, {}))
-    fields = {f.name for f in dataclasses.fields(get_pass(method).Config)}
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    if method == "pat" and caps.finetune_steps > 0:  # PAT's claim is against dense LoRA at the same budget
+        for key, value in (("steps", caps.finetune_steps), ("batch_size", caps.finetune_batch),
+                           ("lora_r", caps.lora_r), ("lora_alpha", caps.lora_alpha)):
+            config.setdefault(key, value)
+    if caps.kinds and getattr(cls, "default_kinds", None) is None:
+        config.setdefault("kinds", caps.kinds.split(","))
+        allocation = config.get("allocation", getattr(cls, "default_allocation", "uniform"))
+        if caps.protect_layers and allocation == "uniform":
+            config.setdefault("protect_layers", [int(n) for n in caps.protect_layers.split(",")])
     if caps.method_steps is not None and "steps" in fields:
         config.setdefault("steps", caps.method_steps)
     return config
+
+
+def recovery_windows(caps: Caps, tok, steps: int, batch: int):
+    """PAT's training text: the recovery data (prompt + response), ``steps × batch`` windows of
+    ``finetune_seq_len`` tokens: as many tokens of the same data as the dense model's LoRA recovery."""
+    from graphprune.data import calibration, data_dir
+    from graphprune.finetune import alpaca_prompt, read_instruction_json
+
+    path = caps.finetune_data if Path(caps.finetune_data).is_absolute() else str(data_dir() / caps.finetune_data)
+    if not path.endswith((".json", ".json.gz")):
+        return calibration(path, tok, n_samples=steps * batch, seq_len=caps.finetune_seq_len, seed=0)
+    records = read_instruction_json(path)[: 4 * steps * batch]
+    texts = [alpaca_prompt(r) + r["output"] for r in records]
+    return calibration(texts, tok, n_samples=steps * batch, seq_len=caps.finetune_seq_len, seed=0)
+
+
+def recipe_note(caps: dict) -> list[str]:
+    """What every method removes and protects (the options each case ran with are in the JSON)."""
+    kinds = caps.get("kinds")
+    if not kinds:
+        return []
+    protect = caps.get("protect_layers")
+    return [
+        f"**Recipe**: every method without kinds of its own removes `{kinds}`"
+        + (f"; those with uniform allocation (magnitude, Taylor, LoRAPrune) leave the first and last blocks "
+           f"whole (`protect_layers={protect}`, LLM-Pruner's 4 and 2 of LLaMA-7B's 32)" if protect else "")
+        + "; HyWIA and Bernoulli rank units across layers. PAT removes hidden channels and trains (HSMs + LoRA of "
+          "the recovery's rank) on the recovery data for the recovery's steps and batch, so its row without recovery "
+          "has had the dense LoRA row's budget. Why not heads by default: a unit is a whole KV group, a third of "
+          "SmolLM2's attention per layer; Taylor at 20% with heads and channels gives WikiText-2 *validation* PPL "
+          "97.8, with channels only 65.4 (dense 42.2).",
+        "",
+    ]
 
 
 def head_commit() -> str:
@@ -138,6 +191,8 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
     else:
         config = method_config(method, caps, extra)
         out["config"] = config
+        if method == "pat" and caps.finetune_steps > 0:
+            calib = recovery_windows(caps, tok, config["steps"], config["batch_size"])
         t0 = time.perf_counter()
         pruned = graphprune.compile(model, ratio, method=method, calib=calib, progress=False, **config)
         out["compile_seconds"] = time.perf_counter() - t0
@@ -153,7 +208,9 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
     if caps.finetune_steps > 0:
         data = caps.finetune_data if Path(caps.finetune_data).is_absolute() else str(data_dir() / caps.finetune_data)
         t0 = time.perf_counter()
-        tuned = graphprune.finetune(pruned, data, steps=caps.finetune_steps, tokenizer=tok, lora_r=caps.lora_r,
+        # a pruned model learns from the dense one's logits; the dense model itself from the text
+        distill = {"distill_from": model, "distill_weight": caps.finetune_distill} if method != "dense" and caps.finetune_distill else {}
+        tuned = graphprune.finetune(pruned, data, steps=caps.finetune_steps, tokenizer=tok, lora_r=caps.lora_r, **distill,
                                     lora_alpha=caps.lora_alpha, lr=caps.finetune_lr, batch_size=caps.finetune_batch,
                                     seq_len=caps.finetune_seq_len, progress=False)
         info = tuned.finetune_info
@@ -377,10 +434,15 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
         f"(WikiText-2 test, PTB validation; windows of 128 and {long_len} tokens, non-overlapping); zero-shot on the first "
         f"{caps['max_examples'] or 'all'} questions of each task; LoRA recovery (r={caps['lora_r']}, α={caps['lora_alpha']}) for "
         f"{caps['finetune_steps']} steps × {caps['finetune_batch']} sequences of ≤{caps['finetune_seq_len']} tokens, lr {caps['finetune_lr']}, "
-        f"on `{caps['finetune_data']}` — the same for every method and for the dense model; calibration "
+        f"on `{caps['finetune_data']}`"
+        + (f", loss {caps['finetune_distill']:g} × KL to the dense model's logits + {1 - caps['finetune_distill']:g} × cross-entropy "
+           f"(the dense model's own run: cross-entropy)" if caps.get("finetune_distill") else ", cross-entropy loss")
+        + " — the same for every method and for the dense model; calibration "
         f"{caps['calib_samples']} × {caps['calib_seq_len']} tokens of WikiText-2 train"
-        + (f"; passes that train ran {caps['method_steps']} steps" if caps["method_steps"] is not None else "") + ".",
+        + (f"; passes that train ran {caps['method_steps']} steps" + (" (PAT: the recovery's, see below)" if caps.get("kinds") else "")
+           if caps["method_steps"] is not None else "") + ".",
         "",
+        *recipe_note(caps),
         "Zero-shot columns: acc for BoolQ, PIQA, WinoGrande, ARC-e; acc_norm for HellaSwag, ARC-c, OpenBookQA "
         "(LLM-Pruner's convention), in %. *score s*: time of the scoring pass; *FT s*: recovery fine-tuning time; "
         "*peak GiB*: peak memory of the process up to the end of pruning (GPU memory on CUDA, else RSS, model load included).",
@@ -449,8 +511,11 @@ def main() -> None:
     parser.add_argument("--finetune-batch", type=int)
     parser.add_argument("--finetune-seq-len", type=int)
     parser.add_argument("--finetune-lr", type=float)
+    parser.add_argument("--finetune-distill", type=float, help="weight of the KL to the dense logits in recovery (0: cross-entropy only)")
     parser.add_argument("--calib-samples", type=int)
     parser.add_argument("--method-steps", type=int, help="steps of the passes that train (their `steps` option)")
+    parser.add_argument("--kinds", help='what the methods without kinds of their own remove (default "channels"; "" = their defaults)')
+    parser.add_argument("--protect-layers", help='FIRST,LAST blocks the uniform-allocation methods leave whole (default "4,2"; "" = none)')
     parser.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--method-config", type=json.loads, default={}, help='JSON {method: {option: value}}')
     parser.add_argument("--jobs", type=int, default=1, help="cases run at once (each gets cores / jobs threads)")
@@ -477,8 +542,8 @@ def main() -> None:
         return
 
     caps = Caps(**(QUICK if args.quick else {}))
-    for name in ("max_tokens", "max_examples", "finetune_steps", "finetune_batch", "finetune_seq_len", "finetune_lr",
-                 "calib_samples", "method_steps", "device"):
+    for name in ("max_tokens", "max_examples", "finetune_steps", "finetune_batch", "finetune_seq_len", "finetune_lr", "finetune_distill",
+                 "calib_samples", "method_steps", "device", "kinds", "protect_layers"):
         value = getattr(args, name)
         if value is not None:
             setattr(caps, name, value)
