@@ -9,7 +9,7 @@ Methods not registered (``graphprune.available_passes()``) appear as missing, wi
 
 Each (method, ratio) runs in a fresh subprocess, so its peak memory is its own; ``--jobs N`` runs N
 of them at once (each with cores / N torch threads). Each finished case is kept in a cache
-(``~/.cache/graphprune/quality``, keyed by model, case, caps and method options), so an interrupted
+(``~/.cache/graphprune/quality`` or ``$GRAPHPRUNE_QUALITY_CACHE``, keyed by model, case, caps and method options), so an interrupted
 run resumes where it stopped (``--fresh`` ignores the cache); the report is rewritten after every
 case, with the cases still to run marked *pending*. Writes a markdown report with a table and a
 PNG of the kept width per layer per method, plus a JSON file:
@@ -43,7 +43,7 @@ from _memory import lifetime_peak_rss_mib
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SMOLLM2 = Path.home() / ".cache" / "graphprune" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_DIR = Path.home() / ".cache" / "graphprune" / "quality"
+CACHE_DIR = Path(os.environ.get("GRAPHPRUNE_QUALITY_CACHE", Path.home() / ".cache" / "graphprune" / "quality"))
 METHODS = ("magnitude", "taylor", "hywia", "loraprune", "bernoulli", "pat")
 RATIOS = (0.2, 0.5)
 TASK_LABELS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaS.", "winogrande": "WinoG.",

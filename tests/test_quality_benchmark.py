@@ -1,0 +1,55 @@
+"""The quality benchmark's recipe (which options each method runs with) and its quick mode end to end."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import quality  # noqa: E402
+
+
+def test_recipe_channels_for_all_protection_for_uniform_allocation_only():
+    caps = quality.Caps(method_steps=40)
+    assert quality.method_config("taylor", caps, {}) == {"kinds": ["channels"], "protect_layers": [4, 2]}
+    assert quality.method_config("magnitude", caps, {}) == {"kinds": ["channels"], "protect_layers": [4, 2]}
+    assert quality.method_config("loraprune", caps, {})["protect_layers"] == [4, 2]
+    assert quality.method_config("hywia", caps, {}) == {"kinds": ["channels"]}  # global ranking: no protection
+    assert "protect_layers" not in quality.method_config("bernoulli", caps, {})
+    # a method made to allocate uniformly gets the protection; explicit options win over the recipe
+    assert quality.method_config("hywia", caps, {"hywia": {"allocation": "uniform"}})["protect_layers"] == [4, 2]
+    assert quality.method_config("taylor", caps, {"taylor": {"kinds": ["heads"]}})["kinds"] == ["heads"]
+    # "" switches the recipe off: each method's own defaults
+    assert quality.method_config("taylor", quality.Caps(kinds="", protect_layers=""), {}) == {}
+
+
+def test_pat_trains_at_the_recovery_budget_and_keeps_its_own_kinds():
+    caps = quality.Caps(finetune_steps=80, finetune_batch=4, lora_r=8, lora_alpha=16, method_steps=40)
+    config = quality.method_config("pat", caps, {})
+    assert config == {"steps": 80, "batch_size": 4, "lora_r": 8, "lora_alpha": 16}
+    assert quality.method_config("bernoulli", caps, {})["steps"] == 40  # the other trainers: method_steps
+    assert quality.method_config("pat", quality.Caps(finetune_steps=0, method_steps=40), {}) == {"steps": 40}
+
+
+@pytest.mark.slow
+def test_quick_run_writes_rows_for_every_case(tmp_path, stories_dir):
+    out = tmp_path / "q"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--quick", "--model", str(stories_dir),
+                           "--methods", "taylor,pat", "--ratios", "0.5", "--fresh", "--out-dir", str(out)],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "GRAPHPRUNE_QUALITY_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = {r["case"]: r for r in json.loads((out / "quality.json").read_text())["results"]}
+    assert set(results) == {"dense", "taylor:0.5", "pat:0.5"}
+    assert results["taylor:0.5"]["config"] == {"kinds": ["channels"], "protect_layers": [1, 1]}
+    for case in results.values():
+        assert [row["recovery"] for row in case["rows"]] == ["none", "lora"], case.get("error")
+    taylor = results["taylor:0.5"]["rows"]
+    assert taylor[1]["ppl"]["wikitext2@128"]["ppl"] < taylor[0]["ppl"]["wikitext2@128"]["ppl"]  # recovery helps
+    assert "Recipe" in (out / "results.md").read_text()
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 3  # each finished case is kept for a resumed run
