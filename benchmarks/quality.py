@@ -300,25 +300,40 @@ def _acc(row: dict | None) -> float | None:
     return 100 * row["zeroshot_average"] if row else None
 
 
+def _acc_se(row: dict | None) -> float | None:
+    """Standard error of a row's zero-shot average, in points, from each task's accuracy and count."""
+    if not row or not row.get("zeroshot"):
+        return None
+    tasks = [t for t in row["zeroshot"].values() if t.get("n")]
+    var = sum(t["score"] * (1 - t["score"]) / t["n"] for t in tasks) / len(tasks) ** 2
+    return 100 * var**0.5
+
+
 def targets(results: list[dict]) -> list[dict]:
     """Each target of the quality issue: what is compared, the two numbers, and pass / miss / n/a.
 
     Like is compared with like: rows without recovery with rows without, rows with the same LoRA
-    recovery budget with each other. PAT trains during pruning, so its row without extra recovery
-    is compared with the dense model after the same number of LoRA steps.
+    recovery budget with each other. PAT trains during pruning (at the recovery's budget), so its row
+    without extra recovery is compared with the dense model after its LoRA recovery. Accuracy
+    comparisons also say whether the gap exceeds two standard errors of the difference.
     """
     out = []
 
-    def check(name, metric, ours, theirs, lower_is_better, against):
+    def check(name, metric, ours, theirs, lower_is_better, against, rows=None):
         ok = None if ours is None or theirs is None else (ours < theirs if lower_is_better else ours > theirs)
-        out.append({"target": name, "metric": metric, "ours": ours, "reference": theirs, "against": against,
-                    "result": "n/a" if ok is None else "pass" if ok else "miss"})
+        entry = {"target": name, "metric": metric, "ours": ours, "reference": theirs, "against": against,
+                 "result": "n/a" if ok is None else "pass" if ok else "miss"}
+        ses = [_acc_se(r) for r in rows or ()]
+        if ok is not None and ses and None not in ses:  # accuracy: is the gap more than two standard errors?
+            entry["noise"] = 2 * sum(se**2 for se in ses) ** 0.5
+            entry["within_noise"] = abs(ours - theirs) < entry["noise"]
+        out.append(entry)
 
     for recovery in ("none", "lora"):
         suffix = "" if recovery == "none" else ", both with LoRA recovery"
         t = _row(results, "taylor", 0.5, recovery)
         h = _row(results, "hywia", 0.5, recovery)
-        check(f"HyWIA beats Taylor at 50%{suffix}", "zero-shot avg (%)", _acc(h), _acc(t), False, "taylor")
+        check(f"HyWIA beats Taylor at 50%{suffix}", "zero-shot avg (%)", _acc(h), _acc(t), False, "taylor", (h, t))
         lp = _row(results, "loraprune", 0.5, recovery)
         for key, label in (("wikitext2@128", "WikiText-2 PPL"), ("ptb@128", "PTB PPL")):
             check(f"LoRAPrune beats Taylor at 50%{suffix}", label, _ppl(lp, key), _ppl(t, key), True, "taylor")
@@ -326,8 +341,9 @@ def targets(results: list[dict]) -> list[dict]:
     check("Bernoulli beats Taylor at 50%, without fine-tuning", "WikiText-2 PPL", _ppl(b, "wikitext2@128"), _ppl(t, "wikitext2@128"), True, "taylor")
     dense_ft = _row(results, "dense", None, "lora")
     for ratio in (0.2, 0.5):
-        check(f"PAT at {ratio:.0%} beats the dense model's LoRA fine-tuning (same steps)", "zero-shot avg (%)",
-              _acc(_row(results, "pat", ratio, "none")), _acc(dense_ft), False, "dense + LoRA")
+        pat = _row(results, "pat", ratio, "none")
+        check(f"PAT at {ratio:.0%} beats the dense model's LoRA fine-tuning (same budget)", "zero-shot avg (%)",
+              _acc(pat), _acc(dense_ft), False, "dense + LoRA", (pat, dense_ft))
     dense = _ppl(_row(results, "dense", None, "none"), "wikitext2@128")
     best = min(((v, res["method"]) for res in results if abs(res.get("ratio", 0) - 0.2) < 1e-9
                 for v in [_ppl(next((r for r in res.get("rows", []) if r["recovery"] == "lora"), None), "wikitext2@128")]
@@ -342,12 +358,18 @@ def targets(results: list[dict]) -> list[dict]:
     return out
 
 
+def _noise_text(c: dict) -> str:
+    if "within_noise" not in c:
+        return ""
+    return f" (within noise: ±{c['noise']:.1f})" if c["within_noise"] else f" (beyond noise: ±{c['noise']:.1f})"
+
+
 def targets_table(checks: list[dict]) -> str:
     lines = ["| target | metric | measured | reference | result |", "|---|---|---:|---:|---|"]
     for c in checks:
         who = f" ({c['method']})" if c.get("method") else ""
         lines.append(f"| {c['target']} | {c['metric']} | {fmt(c['ours'])}{who} | {fmt(c['reference'])} ({c['against']}) | "
-                     f"{'**' + c['result'] + '**' if c['result'] != 'n/a' else 'n/a (row missing)'} |")
+                     f"{'**' + c['result'] + '**' if c['result'] != 'n/a' else 'n/a (row missing)'}{_noise_text(c)} |")
     return "\n".join(lines)
 
 

@@ -53,3 +53,18 @@ def test_quick_run_writes_rows_for_every_case(tmp_path, stories_dir):
     assert taylor[1]["ppl"]["wikitext2@128"]["ppl"] < taylor[0]["ppl"]["wikitext2@128"]["ppl"]  # recovery helps
     assert "Recipe" in (out / "results.md").read_text()
     assert len(list((tmp_path / "cache").glob("*.json"))) == 3  # each finished case is kept for a resumed run
+
+
+def _result(method, ratio, acc, n, recovery="none"):
+    zs = {t: {"score": acc, "n": n} for t in quality.TASK_LABELS}
+    return {"method": method, "ratio": ratio, "rows": [{"recovery": recovery, "ppl": {}, "zeroshot": zs, "zeroshot_average": acc}]}
+
+
+@pytest.mark.parametrize("n, within", [(30, True), (5000, False)])
+def test_accuracy_targets_say_whether_the_gap_is_beyond_noise(n, within):
+    results = [_result("taylor", 0.5, 0.40, n), _result("hywia", 0.5, 0.44, n)]
+    check = next(c for c in quality.targets(results) if c["target"] == "HyWIA beats Taylor at 50%")
+    assert check["result"] == "pass" and check["within_noise"] is within
+    se = 100 * (0.4 * 0.6 / n) ** 0.5 / len(quality.TASK_LABELS) ** 0.5  # one row's average, 7 equal tasks
+    assert check["noise"] == pytest.approx(2 * (se**2 + (100 * (0.44 * 0.56 / n) ** 0.5 / 7**0.5) ** 2) ** 0.5)
+    assert ("within noise" if within else "beyond noise") in quality.targets_table([check])
