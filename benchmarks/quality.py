@@ -68,7 +68,7 @@ class Caps:
     calib_seq_len: int = 128
     method_steps: int | None = None  # overrides the `steps` option of passes that train (LoRAPrune, Bernoulli, PAT)
     # the pruning recipe, the same for every method that has no kinds of its own (PAT prunes the hidden size):
-    kinds: str = "channels"  # comma list ("" = each method's default); see RECIPE_NOTE for why not heads
+    kinds: str = "channels"  # comma list ("" = each method's default); see recipe_note() for why not heads
     protect_layers: str = "4,2"  # first,last blocks left whole by the uniform-allocation methods (LLM-Pruner's recipe)
     eval_batch: int = 8
     device: str = "auto"
@@ -101,6 +101,17 @@ def evaluate_row(model, tok, caps: Caps, long_len) -> dict:
     return row
 
 
+def trains_at_recovery_budget(method: str, caps: Caps) -> bool:
+    """PAT's claim is against dense LoRA at the same budget: it trains on the recovery's data and budget."""
+    return method == "pat" and caps.finetune_steps > 0
+
+
+def finetune_data_path(caps: Caps) -> str:
+    from graphprune.data import data_dir
+
+    return caps.finetune_data if Path(caps.finetune_data).is_absolute() else str(data_dir() / caps.finetune_data)
+
+
 def method_config(method: str, caps: Caps, extra: dict) -> dict:
     """The options ``compile`` gets for ``method``: ``--method-config`` first, then the caps' recipe.
 
@@ -115,7 +126,7 @@ def method_config(method: str, caps: Caps, extra: dict) -> dict:
     cls = get_pass(method)
     config = dict(extra.get(method, {}))
     fields = {f.name for f in dataclasses.fields(cls.Config)}
-    if method == "pat" and caps.finetune_steps > 0:  # PAT's claim is against dense LoRA at the same budget
+    if trains_at_recovery_budget(method, caps):
         for key, value in (("steps", caps.finetune_steps), ("batch_size", caps.finetune_batch),
                            ("lora_r", caps.lora_r), ("lora_alpha", caps.lora_alpha)):
             config.setdefault(key, value)
@@ -132,10 +143,10 @@ def method_config(method: str, caps: Caps, extra: dict) -> dict:
 def recovery_windows(caps: Caps, tok, steps: int, batch: int):
     """PAT's training text: the recovery data (prompt + response), ``steps × batch`` windows of
     ``finetune_seq_len`` tokens: as many tokens of the same data as the dense model's LoRA recovery."""
-    from graphprune.data import calibration, data_dir
+    from graphprune.data import calibration
     from graphprune.finetune import alpaca_prompt, read_instruction_json
 
-    path = caps.finetune_data if Path(caps.finetune_data).is_absolute() else str(data_dir() / caps.finetune_data)
+    path = finetune_data_path(caps)
     if not path.endswith((".json", ".json.gz")):
         return calibration(path, tok, n_samples=steps * batch, seq_len=caps.finetune_seq_len, seed=0)
     records = read_instruction_json(path)[: 4 * steps * batch]
@@ -153,9 +164,11 @@ def recipe_note(caps: dict) -> list[str]:
         f"**Recipe**: every method without kinds of its own removes `{kinds}`"
         + (f"; those with uniform allocation (magnitude, Taylor, LoRAPrune) leave the first and last blocks "
            f"whole (`protect_layers={protect}`, LLM-Pruner's 4 and 2 of LLaMA-7B's 32)" if protect else "")
-        + "; HyWIA and Bernoulli rank units across layers. PAT removes hidden channels and trains (HSMs + LoRA of "
-          "the recovery's rank) on the recovery data for the recovery's steps and batch, so its row without recovery "
-          "has had the dense LoRA row's budget. Why not heads by default: a unit is a whole KV group, a third of "
+        + "; HyWIA and Bernoulli rank units across layers."
+        + (" PAT removes hidden channels and trains (HSMs + LoRA of the recovery's rank) on the recovery data for "
+           "the recovery's steps and batch, so its row without recovery has had the dense LoRA row's budget."
+           if caps.get("finetune_steps") else "")
+        + " Why not heads by default: a unit is a whole KV group, a third of "
           "SmolLM2's attention per layer; Taylor at 20% with heads and channels gives WikiText-2 *validation* PPL "
           "97.8, with channels only 65.4 (dense 42.2).",
         "",
@@ -170,7 +183,7 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
     import torch
 
     import graphprune
-    from graphprune.data import calibration, data_dir
+    from graphprune.data import calibration
     from graphprune.evaluate.perplexity import LONG_CONTEXT
     from graphprune.io import load_model
 
@@ -191,7 +204,7 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
     else:
         config = method_config(method, caps, extra)
         out["config"] = config
-        if method == "pat" and caps.finetune_steps > 0:
+        if trains_at_recovery_budget(method, caps):
             calib = recovery_windows(caps, tok, config["steps"], config["batch_size"])
         t0 = time.perf_counter()
         pruned = graphprune.compile(model, ratio, method=method, calib=calib, progress=False, **config)
@@ -206,7 +219,7 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
     out["peak_cuda_gib_compile"] = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     out["rows"].append({"recovery": "none", **evaluate_row(pruned, tok, caps, long_len)})
     if caps.finetune_steps > 0:
-        data = caps.finetune_data if Path(caps.finetune_data).is_absolute() else str(data_dir() / caps.finetune_data)
+        data = finetune_data_path(caps)
         t0 = time.perf_counter()
         # a pruned model learns from the dense one's logits; the dense model itself from the text
         distill = {"distill_from": model, "distill_weight": caps.finetune_distill} if method != "dense" and caps.finetune_distill else {}
@@ -432,9 +445,10 @@ def noise_note(caps: dict) -> list[str]:
         return []
     task = 100 * (0.25 / n) ** 0.5  # binomial standard error at p = 0.5, the worst case
     avg = task / len(TASK_LABELS) ** 0.5
+    gap = 2 * (2 * avg**2) ** 0.5  # two standard errors of the difference of two such averages
     return [f"With {n} questions per task, one task's accuracy has a standard error of up to {task:.1f} points and the "
-            f"{len(TASK_LABELS)}-task average about {avg:.1f} points: zero-shot differences smaller than about "
-            f"{2 * avg:.0f} points are noise (a model with a perplexity in the thousands still scores near chance, "
+            f"{len(TASK_LABELS)}-task average about {avg:.1f} points: zero-shot differences between two rows smaller than about "
+            f"{gap:.0f} points are noise (a model with a perplexity in the thousands still scores near chance, "
             "which is 25-50% per task). Perplexity is the sharper measure here.", ""]
 
 
@@ -461,7 +475,7 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
            f"(the dense model's own run: cross-entropy)" if caps.get("finetune_distill") else ", cross-entropy loss")
         + " — the same for every method and for the dense model; calibration "
         f"{caps['calib_samples']} × {caps['calib_seq_len']} tokens of WikiText-2 train"
-        + (f"; passes that train ran {caps['method_steps']} steps" + (" (PAT: the recovery's, see below)" if caps.get("kinds") else "")
+        + (f"; passes that train ran {caps['method_steps']} steps" + (" (PAT: the recovery's, see below)" if caps["finetune_steps"] else "")
            if caps["method_steps"] is not None else "") + ".",
         "",
         *recipe_note(caps),
