@@ -160,9 +160,30 @@ def test_tied_embedding_and_lora():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_init_starts_the_mask_from_another_pass():
+    """With ``init``, the logits start at ±margin from that pass's top-D channels; a mask too slow
+    to move keeps exactly that set (the default init, z = 0, keeps a different one here)."""
+    import zoo
+
+    model = zoo.ZOO["llama_gqa"]()
+    magnitude = graphprune.compile(model, RATIO, method="magnitude", kinds=("hidden",), progress=False)
+    pat = PAT(steps=5, init="magnitude", mask_lr=1e-6)
+    compiled = graphprune.compile(model, RATIO, method=pat, calib=calib_ids(), progress=False)
+    assert compiled.plan.groups[0].keep == magnitude.plan.groups[0].keep
+    assert pat.logits.abs().min() > 0.49 and compiled.report.scoring["pat"]["init"] == "magnitude"
+    free = PAT(steps=5, mask_lr=1e-6)
+    compiled = graphprune.compile(model, RATIO, method=free, calib=calib_ids(), progress=False)
+    assert compiled.plan.groups[0].keep != magnitude.plan.groups[0].keep
+
+
 def test_bad_config_is_refused():
     with pytest.raises(GraphpruneError, match="mask_lr"):
         PAT(mask_lr=0.0)
+    with pytest.raises(GraphpruneError, match="init_margin"):
+        PAT(init="taylor", init_margin=0.0)
+    with pytest.raises(GraphpruneError, match="cannot be pat"):
+        graphprune.compile(__import__("zoo").ZOO["llama_gqa"](), RATIO, method=PAT(steps=2, init="pat"),
+                           calib=calib_ids(), progress=False)
     with pytest.raises(GraphpruneError, match="freeze_at"):
         PAT(freeze_at=0.0)
 
