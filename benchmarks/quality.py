@@ -170,7 +170,8 @@ def recipe_note(caps: dict) -> list[str]:
            if caps.get("finetune_steps") else "")
         + " Why not heads by default: a unit is a whole KV group, a third of "
           "SmolLM2's attention per layer; Taylor at 20% with heads and channels gives WikiText-2 *validation* PPL "
-          "97.8, with channels only 65.4 (dense 42.2).",
+          "97.8, with channels only 65.4 (dense 42.2). The recipe and the options of `--method-config` were chosen "
+          "on that validation text, never on the splits reported here: [validation.md](validation.md).",
         "",
     ]
 

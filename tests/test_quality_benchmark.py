@@ -68,3 +68,17 @@ def test_accuracy_targets_say_whether_the_gap_is_beyond_noise(n, within):
     se = 100 * (0.4 * 0.6 / n) ** 0.5 / len(quality.TASK_LABELS) ** 0.5  # one row's average, 7 equal tasks
     assert check["noise"] == pytest.approx(2 * (se**2 + (100 * (0.44 * 0.56 / n) ** 0.5 / 7**0.5) ** 2) ** 0.5)
     assert ("within noise" if within else "beyond noise") in quality.targets_table([check])
+
+
+def test_validation_cases_have_one_spelling_and_a_table_row():
+    import validation
+
+    a = validation.case_key('taylor:0.50:{"protect_layers": [4, 2],  "kinds": ["channels"]}')
+    b = validation.case_key('taylor:0.5:{"kinds":["channels"],"protect_layers":[4,2]}')
+    assert a == b == 'taylor:0.5:{"kinds": ["channels"], "protect_layers": [4, 2]}'
+    with pytest.raises(ValueError):
+        validation.case_key("taylor:0.5")
+    row = {"case": a, "method": "taylor", "ratio": 0.5, "options": {"kinds": ["channels"]}, "valid_ppl": 1146.18,
+           "params": 81430848, "commit": "abc1234"}
+    text = validation.table({a: row})
+    assert text.startswith("## Measured") and "| taylor | 50% |" in text and "| 1,146.18 | abc1234 |" in text
