@@ -46,9 +46,11 @@ def run(case: str) -> dict:
     from graphprune.data import calibration
     from graphprune.evaluate import perplexity
     from graphprune.io import load_model
+    from graphprune.registry import get_pass
     from quality import Caps, head_commit, recovery_windows
 
     method, ratio, options = parse_case(case)
+    caps = Caps()  # the quality benchmark's calibration and recovery data
     torch.manual_seed(0)
     loaded = load_model(SMOLLM2_DIR / SMOLLM2_GGUF)
     model, tok = loaded.model, loaded.tokenizer()
@@ -57,9 +59,10 @@ def run(case: str) -> dict:
         pruned = model
     else:
         if method == "pat":
-            calib = recovery_windows(Caps(), tok, options.get("steps", 100), options.get("batch_size", 2))
+            pat = get_pass("pat").Config(**{k: options[k] for k in ("steps", "batch_size") if k in options})
+            calib = recovery_windows(caps, tok, pat.steps, pat.batch_size)
         else:
-            calib = calibration("wikitext2", tok, n_samples=32, seq_len=128, seed=0)
+            calib = calibration("wikitext2", tok, n_samples=caps.calib_samples, seq_len=caps.calib_seq_len, seed=0)
         pruned = graphprune.compile(model, ratio, method=method, calib=calib, progress=False, **options)
     seconds = time.perf_counter() - t0
     ppl = perplexity(pruned, tok, corpus="wikitext2", split="valid", seq_len=128, max_tokens=MAX_TOKENS, progress=False)
@@ -81,18 +84,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cases", nargs="+", help="method:ratio:options-json")
     args = parser.parse_args()
+    keys = []
     for case in args.cases:
         try:
-            parse_case(case)
+            keys.append(case_key(case))
         except ValueError as e:
             sys.exit(f"validation.py: bad case {case!r} (want method:ratio:options-json): {e}")
     from graphprune.plan import atomic_write_text
 
     out_json = DOCS / "validation.json"
-    for case in map(case_key, args.cases):
+    results = json.loads(out_json.read_text()) if out_json.exists() else {}
+    for case in keys:
         result = run(case)
         print(f"{case}  valid PPL {result['valid_ppl']:.2f}  ({result['compile_seconds']:.0f} s)", flush=True)
-        results = json.loads(out_json.read_text()) if out_json.exists() else {}
         results[case] = result
         atomic_write_text(out_json, json.dumps(results, indent=1) + "\n")
         write_section(table(results), DOCS / "validation.md")

@@ -130,6 +130,8 @@ class PAT(ScoringPass):
                 raise GraphpruneError(f"pat: lora_r must be >= 0, got {self.lora_r!r}")
             if self.init is not None and self.init_margin <= 0:
                 raise GraphpruneError(f"pat: init_margin must be positive, got {self.init_margin!r}")
+            if self.init == "pat":
+                raise GraphpruneError("pat: init names the pass that ranks the channels before training; it cannot be pat")
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
@@ -149,8 +151,6 @@ class PAT(ScoringPass):
         c = self.config
         if c.init is None:
             return torch.zeros(group.size)
-        if c.init == "pat":
-            raise GraphpruneError("pat: init names the pass that ranks the channels before training; it cannot be pat")
         scores = get_pass(c.init)().score(ctx)[group.name].float().flatten()
         top = torch.zeros(group.size, dtype=torch.bool)
         top[torch.argsort(scores, descending=True, stable=True)[:keep_count]] = True
