@@ -1,16 +1,21 @@
 """Choosing the quality benchmark's options on held-out text: never on the split it reports.
 
 Each case compiles SmolLM2-135M with one method and its options and measures WikiText-2
-*validation* perplexity (128-token windows, the first 8,192 tokens), without recovery. The recipe
-and the ``--method-config`` of ``benchmarks/quality.py`` were chosen from these numbers;
+*validation* perplexity (128-token windows, the first 8,192 tokens), without recovery and, for
+each ``--recovery`` given, after that LoRA recovery. The recipe, the ``--method-config`` and the
+recovery options of ``benchmarks/quality.py`` were chosen from these numbers;
 ``docs/validation.md`` says which number decided what. Calibration is the quality benchmark's
 (32 × 128 tokens of WikiText-2 train); PAT trains on its recovery data, as there.
 
     python benchmarks/validation.py 'taylor:0.5:{"kinds": ["channels"], "protect_layers": [4, 2]}'
     python benchmarks/validation.py 'pat:0.2:{"steps": 40, "batch_size": 4, "lr": 1e-4, "mask_lr": 1e-2}'
+    python benchmarks/validation.py 'taylor:0.2:{"kinds": ["channels"]}' --recovery '{"steps": 80}' \
+        --recovery '{"steps": 80, "distill_positions": "all"}'
 
 A case is ``method:ratio:options`` (options: JSON for ``graphprune.compile``; ``dense:0:{}`` for
-the unpruned model). Results are merged into ``docs/validation.json`` (by case) and the table in
+the unpruned model). A recovery is JSON for ``graphprune.finetune`` over the quality benchmark's
+defaults (its data, batch, sequence length, lr, LoRA rank, and distillation from the dense model
+for a pruned one); the model is compiled once for all of them. Results are merged into ``docs/validation.json`` (by case) and the table in
 ``docs/validation.md`` is rewritten; the prose above the table is not touched.
 """
 from __future__ import annotations
@@ -39,7 +44,24 @@ def case_key(text: str) -> str:
     return f"{method}:{ratio:g}:{json.dumps(options, sort_keys=True)}"
 
 
-def run(case: str) -> dict:
+def recovery_key(text: str) -> str:
+    options = json.loads(text)
+    if not isinstance(options, dict):
+        raise ValueError("a recovery is a JSON object of graphprune.finetune options")
+    return json.dumps(options, sort_keys=True)
+
+
+def recovery_options(caps, options: dict, dense) -> dict:
+    """``graphprune.finetune`` keywords: the quality benchmark's recovery, overridden by ``options``."""
+    base = {"steps": caps.finetune_steps, "batch_size": caps.finetune_batch, "seq_len": caps.finetune_seq_len,
+            "lr": caps.finetune_lr, "lora_r": caps.lora_r, "lora_alpha": caps.lora_alpha}
+    if dense is not None and caps.finetune_distill:
+        base.update(distill_from=dense, distill_weight=caps.finetune_distill)
+    return {**base, **options}
+
+
+def run(case: str, recoveries: list[str] = ()):
+    """Yields the case's result without recovery, then after each recovery (one compile for all)."""
     import torch
 
     import graphprune
@@ -47,7 +69,7 @@ def run(case: str) -> dict:
     from graphprune.evaluate import perplexity
     from graphprune.io import load_model
     from graphprune.registry import get_pass
-    from quality import Caps, head_commit, recovery_windows
+    from quality import Caps, finetune_data_path, head_commit, recovery_windows
 
     method, ratio, options = parse_case(case)
     caps = Caps()  # the quality benchmark's calibration and recovery data
@@ -65,17 +87,37 @@ def run(case: str) -> dict:
             calib = calibration("wikitext2", tok, n_samples=caps.calib_samples, seq_len=caps.calib_seq_len, seed=0)
         pruned = graphprune.compile(model, ratio, method=method, calib=calib, progress=False, **options)
     seconds = time.perf_counter() - t0
-    ppl = perplexity(pruned, tok, corpus="wikitext2", split="valid", seq_len=128, max_tokens=MAX_TOKENS, progress=False)
-    params = pruned.num_parameters()
-    return {"case": case, "method": method, "ratio": ratio, "options": options, "valid_ppl": ppl.ppl,
-            "params": params, "compile_seconds": seconds, "commit": head_commit()}
+
+    def valid_ppl(m) -> float:
+        return perplexity(m, tok, corpus="wikitext2", split="valid", seq_len=128, max_tokens=MAX_TOKENS, progress=False).ppl
+
+    common = {"case": case, "method": method, "ratio": ratio, "options": options, "params": pruned.num_parameters(),
+              "compile_seconds": seconds, "commit": head_commit()}
+    yield {**common, "recovery": None, "valid_ppl": valid_ppl(pruned)}
+    for recovery in recoveries:
+        t0 = time.perf_counter()
+        kwargs = recovery_options(caps, json.loads(recovery), None if method == "dense" else model)
+        tuned = graphprune.finetune(pruned, finetune_data_path(caps), tokenizer=tok, progress=False, **kwargs)
+        yield {**common, "recovery": json.loads(recovery), "finetune_seconds": time.perf_counter() - t0, "valid_ppl": valid_ppl(tuned)}
+
+
+def result_key(result: dict) -> str:
+    case = case_key(result["case"])
+    return case if result.get("recovery") is None else f"{case} + {json.dumps(result['recovery'], sort_keys=True)}"
 
 
 def table(results: dict) -> str:
-    lines = ["## Measured (WikiText-2 validation, 128-token windows, first 8,192 tokens, no recovery)", "",
-             "| method | ratio | options | params | valid PPL | commit |", "|---|---|---|---:|---:|---|"]
-    for r in sorted(results.values(), key=lambda r: (r["method"], r["ratio"], json.dumps(r["options"], sort_keys=True))):
-        lines.append(f"| {r['method']} | {r['ratio']:.0%} | `{json.dumps(r['options'], sort_keys=True)}` | {r['params']:,} "
+    lines = ["## Measured (WikiText-2 validation, 128-token windows, first 8,192 tokens)", "",
+             "Recovery: `graphprune.finetune` options over the quality benchmark's defaults (Alpaca data, 4 × 256 tokens a step, "
+             "lr 5e-4, LoRA r=8, KL to the dense model's logits on the response tokens).", "",
+             "| method | ratio | options | recovery | params | valid PPL | commit |", "|---|---|---|---|---:|---:|---|"]
+
+    def order(r):
+        return (r["method"], r["ratio"], json.dumps(r["options"], sort_keys=True), json.dumps(r.get("recovery"), sort_keys=True))
+
+    for r in sorted(results.values(), key=order):
+        recovery = f"`{json.dumps(r['recovery'], sort_keys=True)}`" if r.get("recovery") is not None else "none"
+        lines.append(f"| {r['method']} | {r['ratio']:.0%} | `{json.dumps(r['options'], sort_keys=True)}` | {recovery} | {r['params']:,} "
                      f"| {r['valid_ppl']:,.2f} | {r['commit']} |")
     return "\n".join(lines) + "\n"
 
@@ -83,23 +125,31 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cases", nargs="+", help="method:ratio:options-json")
+    parser.add_argument("--recovery", action="append", default=[], metavar="JSON",
+                        help="graphprune.finetune options; the case is also measured after this recovery (repeatable)")
     args = parser.parse_args()
-    keys = []
+    keys, recoveries = [], []
     for case in args.cases:
         try:
             keys.append(case_key(case))
         except ValueError as e:
             sys.exit(f"validation.py: bad case {case!r} (want method:ratio:options-json): {e}")
+    for recovery in args.recovery:
+        try:
+            recoveries.append(recovery_key(recovery))
+        except ValueError as e:
+            sys.exit(f"validation.py: bad --recovery {recovery!r} (want a JSON object of finetune options): {e}")
     from graphprune.plan import atomic_write_text
 
     out_json = DOCS / "validation.json"
-    results = json.loads(out_json.read_text()) if out_json.exists() else {}
     for case in keys:
-        result = run(case)
-        print(f"{case}  valid PPL {result['valid_ppl']:.2f}  ({result['compile_seconds']:.0f} s)", flush=True)
-        results[case] = result
-        atomic_write_text(out_json, json.dumps(results, indent=1) + "\n")
-        write_section(table(results), DOCS / "validation.md")
+        for result in run(case, recoveries):
+            print(f"{result_key(result)}  valid PPL {result['valid_ppl']:.2f}  ({result['compile_seconds']:.0f} s)", flush=True)
+            # re-read: another run may have added cases meanwhile
+            results = json.loads(out_json.read_text()) if out_json.exists() else {}
+            results[result_key(result)] = result
+            atomic_write_text(out_json, json.dumps(results, indent=1) + "\n")
+            write_section(table(results), DOCS / "validation.md")
 
 
 if __name__ == "__main__":

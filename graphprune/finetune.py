@@ -103,7 +103,8 @@ def _pad(examples, pad_id: int) -> dict:
     for row, (x, y) in enumerate(examples):
         ids[row, : len(x)] = torch.tensor(x)
         labels[row, : len(y)] = torch.tensor(y)
-    return {"input_ids": ids, "labels": labels}  # right padding: a causal model never sees it
+    real = torch.arange(width)[None, :] < torch.tensor([len(x) for x, _ in examples])[:, None]
+    return {"input_ids": ids, "labels": labels, "real": real}  # right padding: a causal model never sees it
 
 
 def make_batches(data, tokenizer=None, *, batch_size: int = 4, seq_len: int = 256, n_batches: int = 1, seed: int = 0) -> list[dict]:
@@ -124,7 +125,7 @@ def make_batches(data, tokenizer=None, *, batch_size: int = 4, seq_len: int = 25
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         return [_pad(examples[i : i + batch_size], pad) for i in range(0, n, batch_size)]
     ids = data.input_ids if isinstance(data, Calibration) else calibration(data, tokenizer, n_samples=n, seq_len=seq_len, seed=seed).input_ids
-    return [{"input_ids": b, "labels": b} for b in ids.split(batch_size)]
+    return [{"input_ids": b, "labels": b, "real": torch.ones_like(b, dtype=torch.bool)} for b in ids.split(batch_size)]
 
 
 # ================================================================ losses
@@ -133,9 +134,12 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=IGNORE)
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student) of the next-token distributions, averaged over positions with a label."""
-    keep = (labels[:, 1:] != IGNORE).flatten().to(student.device)
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, where: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, averaged over the positions whose
+    next token ``where`` marks (a bool mask like the input ids; labels count as ``labels != -100``)."""
+    if where.dtype != torch.bool:
+        where = where != IGNORE
+    keep = where[:, 1:].flatten().to(student.device)
     s = student[:, :-1].flatten(0, 1)[keep].float() / temperature
     t = teacher[:, :-1].flatten(0, 1)[keep].float().to(student.device) / temperature
     kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
@@ -196,6 +200,7 @@ def finetune(
     schedule: str = "cosine",
     distill_from=None,
     distill_weight: float = 1.0,
+    distill_positions: str = "labels",
     temperature: float = 1.0,
     targets=None,
     backend: str = "auto",
@@ -211,6 +216,9 @@ def finetune(
     patterns for the graph pass (default: every linear weight inside the transformer blocks).
     ``distill_from``: a dense model (anything :mod:`graphprune.evaluate` can run) whose logits
     are the target; the loss is ``distill_weight · KL + (1 − distill_weight) · CE``.
+    ``distill_positions``: where the KL is taken — ``"labels"`` (the positions the cross entropy
+    covers: an instruction's response) or ``"all"`` (every real token, prompt included: the dense
+    model has a distribution to teach there too; padding never counts).
     Returns a new ``CompiledModel`` (the input is not modified) whose ``report.seconds["finetune"]``
     and ``report.scoring["finetune"]`` record the run; ``.finetune_info`` holds the loss curve.
     """
@@ -218,6 +226,8 @@ def finetune(
 
     if backend not in ("auto", "peft", "graph"):
         raise GraphpruneError(f"backend must be 'auto', 'peft' or 'graph', got {backend!r}")
+    if distill_positions not in ("labels", "all"):
+        raise GraphpruneError(f"distill_positions must be 'labels' or 'all', got {distill_positions!r}")
     if not 0.0 <= distill_weight <= 1.0:
         raise GraphpruneError(f"distill_weight must be in [0, 1], got {distill_weight}")
     if tokenizer is None and not isinstance(data, torch.Tensor) and not hasattr(data, "input_ids"):
@@ -240,7 +250,8 @@ def finetune(
         labels = batch["labels"]
         if teacher is None:
             return lm_loss(logits, labels)
-        kl = distill_loss(logits, teacher(batch["input_ids"]), labels, temperature)
+        where = labels if distill_positions == "labels" else batch["real"]
+        kl = distill_loss(logits, teacher(batch["input_ids"]), where, temperature)
         if distill_weight == 1.0:
             return kl, {"kl": kl.item()}
         ce = lm_loss(logits, labels)
@@ -260,7 +271,8 @@ def finetune(
         used = "graph"
     info = FinetuneInfo(used, reason, result.steps, result.losses, time.perf_counter() - t0, n_train, {
         "steps": steps, "lora_r": lora_r, "lora_alpha": lora_alpha, "lr": lr, "batch_size": batch_size, "seq_len": seq_len,
-        "grad_accum": grad_accum, "distill": distill_from is not None, "distill_weight": distill_weight, "seed": seed})
+        "grad_accum": grad_accum, "distill": distill_from is not None, "distill_weight": distill_weight,
+        "distill_positions": distill_positions, "seed": seed})
     return _with_weights(compiled, weights, info)
 
 
