@@ -108,3 +108,33 @@ def test_alpaca_batches_train_on_the_response_only(stories_dir, tmp_path):
     (tmp_path / "bad.json").write_text('[{"prompt": "x"}]')
     with pytest.raises(graphprune.GraphpruneError, match="Alpaca format"):
         read_instruction_json(tmp_path / "bad.json")
+
+
+def test_distillation_positions_labels_or_every_real_token(stories, stories_dir):
+    from graphprune.finetune import distill_loss
+
+    tok = transformers.AutoTokenizer.from_pretrained(stories_dir)
+    batch = make_batches(str(SHARED / "data" / "instruct" / "alpaca_data.json.gz"), tok, batch_size=2, seq_len=2000, n_batches=1, seed=0)[0]
+    ids, labels, real = batch["input_ids"], batch["labels"], batch["real"]
+    lengths = real.sum(1)
+    assert lengths.min() < ids.shape[1]  # one row is padded
+    assert torch.equal(real, torch.arange(ids.shape[1])[None] < lengths[:, None])
+    assert not (labels != IGNORE)[~real].any()  # a label is always on a real token
+
+    teacher = torch.randn(*ids.shape, 7, generator=torch.Generator().manual_seed(0))
+    # the student disagrees with the teacher before one prompt token (0 → 1 predicts token 1) and on padding
+    student = teacher.clone()
+    student[0, 0, 3] += 5.0
+    padded = int((~real).nonzero()[0, 0]), int((~real).nonzero()[0, 1])
+    student[padded[0], padded[1] - 1, 3] += 5.0
+    assert distill_loss(student, teacher, labels).item() == 0.0  # prompt and padding are not labelled
+    assert distill_loss(student, teacher, real).item() > 0.0  # the prompt token counts, padding never does
+    student[0, 0, 3] -= 5.0
+    assert distill_loss(student, teacher, real).item() == 0.0
+
+    model, _, compiled = stories
+    tuned = finetune(compiled, [{"instruction": "Tell a story.", "input": "", "output": "Once upon a time there was a cat."}] * 2,
+                     tokenizer=tok, steps=2, lr=5e-3, batch_size=2, distill_from=model, distill_positions="all", progress=False)
+    assert tuned.finetune_info.config["distill_positions"] == "all" and len(tuned.finetune_info.losses) == 2
+    with pytest.raises(graphprune.GraphpruneError, match="distill_positions"):
+        finetune(compiled, [{"instruction": "x", "output": "y"}], tokenizer=tok, steps=1, distill_positions="prompt", progress=False)
