@@ -50,12 +50,17 @@ TASK_LABELS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaS.", "winogr
                "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
 
 
+PERPLEXITIES = ("wikitext2@128", "ptb@128", "wikitext2@long", "ptb@long")
+
+
 @dataclass
 class Caps:
     """Everything that limits or sizes the run (recorded with the results)."""
 
     max_tokens: int | None = None  # per corpus and protocol, for perplexity (None: the whole split)
     max_examples: int | None = None  # per zero-shot task (None: every question)
+    perplexities: str = ",".join(PERPLEXITIES)  # which corpus@protocol columns to measure
+    zeroshot: bool = True  # False: perplexity only (e.g. a whole-split check, which takes long on a CPU)
     finetune_steps: int = 200
     finetune_batch: int = 4
     finetune_seq_len: int = 256
@@ -88,15 +93,18 @@ def evaluate_row(model, tok, caps: Caps, long_len) -> dict:
 
     row: dict = {"ppl": {}}
     t0 = time.perf_counter()
-    for corpus in ("wikitext2", "ptb"):
-        for protocol, seq_len in (("128", 128), ("long", long_len)):
-            if caps.max_tokens is not None and caps.max_tokens < seq_len:
-                continue
-            r = perplexity(model, tok, corpus, seq_len=seq_len, max_tokens=caps.max_tokens, batch_size=caps.eval_batch, progress=False)
-            row["ppl"][f"{corpus}@{protocol}"] = {"ppl": r.ppl, "seq_len": r.seq_len, "tokens": r.tokens_scored, "split": r.split}
-    zs = zeroshot(model, tok, max_examples=caps.max_examples, batch_size=caps.eval_batch, progress=False)
-    row["zeroshot"] = {k: v.to_dict() for k, v in zs.tasks.items()}
-    row["zeroshot_average"] = zs.average
+    for key in caps.perplexities.split(","):
+        corpus, protocol = key.split("@")
+        seq_len = long_len if protocol == "long" else int(protocol)
+        if caps.max_tokens is not None and caps.max_tokens < seq_len:
+            continue
+        r = perplexity(model, tok, corpus, seq_len=seq_len, max_tokens=caps.max_tokens, batch_size=caps.eval_batch, progress=False)
+        row["ppl"][key] = {"ppl": r.ppl, "seq_len": r.seq_len, "tokens": r.tokens_scored, "split": r.split}
+    row["zeroshot"], row["zeroshot_average"] = {}, None
+    if caps.zeroshot:
+        zs = zeroshot(model, tok, max_examples=caps.max_examples, batch_size=caps.eval_batch, progress=False)
+        row["zeroshot"] = {k: v.to_dict() for k, v in zs.tasks.items()}
+        row["zeroshot_average"] = zs.average
     row["eval_seconds"] = time.perf_counter() - t0
     return row
 
@@ -236,10 +244,15 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
 
 
 # ================================================================ orchestration (parent process)
+# caps added after cases were cached: at these values they leave a case's key as it was
+KEY_DEFAULTS = {"perplexities": ",".join(PERPLEXITIES), "zeroshot": True}
+
+
 def cache_path(case: str, model: str, caps: dict, method_config: dict) -> Path:
     """Where a finished case is kept: one file per (model, case, caps, the options of the case's own
     method), so changing one method's options re-runs only that method's cases."""
     own = method_config.get(case.split(":")[0], {})
+    caps = {k: v for k, v in caps.items() if k not in KEY_DEFAULTS or v != KEY_DEFAULTS[k]}
     key = json.dumps({"case": case, "model": str(model), "caps": caps, "options": own}, sort_keys=True)
     return CACHE_DIR / f"{case.replace(':', '_')}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
@@ -289,7 +302,7 @@ def table(results: list[dict], long_len: int) -> str:
                 cells.append(fmt(ppl[key]["ppl"]) if key in ppl else "–")
             zs = row["zeroshot"]
             cells += [fmt(100 * zs[t]["score"], 1) if t in zs else "–" for t in TASK_LABELS]
-            cells.append(fmt(100 * row["zeroshot_average"], 2))
+            cells.append(fmt(_acc(row), 2))
             cells.append(fmt(res.get("score_seconds"), 1))
             cells.append(fmt(row.get("finetune_seconds"), 0) if row["recovery"] != "none" else "–")
             peak = res.get("peak_cuda_gib_compile") or res.get("peak_rss_gib_compile")
@@ -311,7 +324,7 @@ def _ppl(row: dict | None, key: str) -> float | None:
 
 
 def _acc(row: dict | None) -> float | None:
-    return 100 * row["zeroshot_average"] if row else None
+    return 100 * row["zeroshot_average"] if row and row.get("zeroshot_average") is not None else None
 
 
 def _acc_se(row: dict | None) -> float | None:
@@ -442,7 +455,7 @@ def plot_widths(results: list[dict], path: Path) -> Path | None:
 def noise_note(caps: dict) -> list[str]:
     """How far apart two zero-shot numbers must be to mean anything, at this run's question count."""
     n = caps.get("max_examples")
-    if not n:
+    if not n or not caps.get("zeroshot", True):
         return []
     task = 100 * (0.25 / n) ** 0.5  # binomial standard error at p = 0.5, the worst case
     avg = task / len(TASK_LABELS) ** 0.5
@@ -467,9 +480,11 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
         "Do not edit by hand: re-run the command.",
         "",
         "**Caps of this run** (numbers are only comparable between runs with the same caps): "
-        f"perplexity on the first {fmt(caps['max_tokens']) if caps['max_tokens'] else 'all'} tokens of each split "
-        f"(WikiText-2 test, PTB validation; windows of 128 and {long_len} tokens, non-overlapping); zero-shot on the first "
-        f"{caps['max_examples'] or 'all'} questions of each task; LoRA recovery (r={caps['lora_r']}, α={caps['lora_alpha']}) for "
+        f"perplexity on {'the first ' + fmt(caps['max_tokens']) if caps['max_tokens'] else 'all the'} tokens of each split "
+        f"(WikiText-2 test, PTB validation; windows of 128 and {long_len} tokens, non-overlapping"
+        + ("" if caps.get("perplexities", ",".join(PERPLEXITIES)) == ",".join(PERPLEXITIES) else f"; measured: {caps['perplexities']}")
+        + ("); zero-shot on " + (f"the first {caps['max_examples']}" if caps['max_examples'] else "all the") + " questions of each task"
+           if caps.get("zeroshot", True) else "); no zero-shot") + f"; LoRA recovery (r={caps['lora_r']}, α={caps['lora_alpha']}) for "
         f"{caps['finetune_steps']} steps × {caps['finetune_batch']} sequences of ≤{caps['finetune_seq_len']} tokens, lr {caps['finetune_lr']}, "
         f"on `{caps['finetune_data']}`"
         + (f", loss {caps['finetune_distill']:g} × KL to the dense model's logits + {1 - caps['finetune_distill']:g} × cross-entropy "
@@ -542,8 +557,11 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--ratios", default=",".join(str(r) for r in RATIOS))
     parser.add_argument("--quick", action="store_true", help="tiny caps for a smoke test: " + json.dumps(QUICK))
-    parser.add_argument("--max-tokens", type=int, help="perplexity: first N tokens of each split")
-    parser.add_argument("--max-examples", type=int, help="zero-shot: first N questions of each task")
+    parser.add_argument("--max-tokens", type=int, help="perplexity: first N tokens of each split (0: the whole split)")
+    parser.add_argument("--max-examples", type=int, help="zero-shot: first N questions of each task (0: every question)")
+    parser.add_argument("--perplexities", help=f"the perplexity columns to measure, a comma list of {','.join(PERPLEXITIES)} "
+                                              "(default: all; 'long' is 1024 tokens or the model's limit)")
+    parser.add_argument("--no-zeroshot", dest="zeroshot", action="store_false", default=None, help="perplexity only")
     parser.add_argument("--finetune-steps", type=int, help="LoRA recovery steps (0: no recovery rows)")
     parser.add_argument("--finetune-batch", type=int)
     parser.add_argument("--finetune-seq-len", type=int)
@@ -580,10 +598,14 @@ def main() -> None:
 
     caps = Caps(**(QUICK if args.quick else {}))
     for name in ("max_tokens", "max_examples", "finetune_steps", "finetune_batch", "finetune_seq_len", "finetune_lr", "finetune_distill",
-                 "calib_samples", "method_steps", "device", "kinds", "protect_layers"):
+                 "calib_samples", "method_steps", "device", "kinds", "protect_layers", "perplexities", "zeroshot"):
         value = getattr(args, name)
         if value is not None:
             setattr(caps, name, value)
+    caps.max_tokens, caps.max_examples = caps.max_tokens or None, caps.max_examples or None  # 0: no cap
+    bad = [k for k in caps.perplexities.split(",") if k not in PERPLEXITIES]
+    if bad:
+        sys.exit(f"quality.py: --perplexities takes a comma list of {', '.join(PERPLEXITIES)}; got {', '.join(bad)}")
     if not Path(args.model).exists():
         if Path(args.model) == SMOLLM2:
             subprocess.run(["bash", str(SHARED_DATA / "fetch_smollm2.sh")], check=True)
@@ -628,7 +650,7 @@ def main() -> None:
             print(f"{case:18s} FAILED after {res['wall_seconds']:.0f}s: {res['error'].splitlines()[-1]}", flush=True)
         else:
             summary = "; ".join(f"{row['recovery']}: wiki2@128 {row['ppl'].get('wikitext2@128', {}).get('ppl', float('nan')):.2f}, "
-                                f"avg {100 * row['zeroshot_average']:.1f}" for row in res["rows"])
+                                f"avg {fmt(_acc(row), 1)}" for row in res["rows"])
             print(f"{case:18s} {res.get('wall_seconds', 0):.0f}s{' (cached)' if res.get('cached') else ''}  "
                   f"params {res['params']:,}  {summary}", flush=True)
         ordered = [results.get(c) or {"case": c, "method": c.split(":")[0], "ratio": float(c.split(":")[1]) if ":" in c else 0.0,

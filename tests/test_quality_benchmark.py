@@ -82,3 +82,22 @@ def test_validation_cases_have_one_spelling_and_a_table_row():
            "params": 81430848, "commit": "abc1234"}
     text = validation.table({a: row})
     assert text.startswith("## Measured") and "| taylor | 50% |" in text and "| 1,146.18 | abc1234 |" in text
+
+
+def test_perplexity_only_caps_keep_old_cache_keys_and_render_without_accuracy():
+    from dataclasses import asdict
+
+    caps = asdict(quality.Caps(max_tokens=4096))
+    old = {k: v for k, v in caps.items() if k not in ("perplexities", "zeroshot")}  # a case cached before these caps existed
+    assert quality.cache_path("taylor:0.2", "m", caps, {}) == quality.cache_path("taylor:0.2", "m", old, {})
+    narrow = {**caps, "perplexities": "wikitext2@128", "zeroshot": False}
+    assert quality.cache_path("taylor:0.2", "m", narrow, {}) != quality.cache_path("taylor:0.2", "m", caps, {})
+    row = {"recovery": "lora", "ppl": {"wikitext2@128": {"ppl": 55.0}}, "zeroshot": {}, "zeroshot_average": None}
+    dense = {"recovery": "none", "ppl": {"wikitext2@128": {"ppl": 50.0}}, "zeroshot": {}, "zeroshot_average": None}
+    results = [{"case": "dense", "method": "dense", "ratio": 0.0, "params": 10, "rows": [dense]},
+               {"case": "loraprune:0.2", "method": "loraprune", "ratio": 0.2, "params": 8, "rows": [row]}]
+    text = quality.table(results, 1024)
+    assert "| 55.00 | – | – | – |" in text  # the columns not measured are dashes, not zeros
+    checks = {c["target"]: c for c in quality.targets(results)}
+    assert checks["best method at 20% with recovery within 15% of dense"]["result"] == "pass"  # 55 <= 1.15 x 50
+    assert checks["HyWIA beats Taylor at 50%"]["result"] == "n/a"
