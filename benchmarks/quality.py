@@ -507,6 +507,10 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
     meta = {**meta, "targets": checks}
     lines += ["## Targets", "", "The quality issue's targets, checked on the table above (computed by the benchmark, "
               "not by hand):", "", targets_table(checks), ""]
+    whole = whole_split_check(out_md)
+    if whole is not None:
+        meta["whole_split_target"] = whole
+        lines += whole_split_text(whole)
     missing = [r["case"] for r in results if r.get("missing")]
     if missing:
         lines += [f"Missing (method not registered when this ran): {', '.join(sorted({m.split(':')[0] for m in missing}))}.", ""]
@@ -518,13 +522,42 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
     atomic_write_text(out_md, "\n".join(lines))
     atomic_write_text(out_json, json.dumps({"meta": meta, "results": results}, indent=1, default=str))
     if out_md.resolve() == (REPO / "docs" / "results.md").resolve():
-        update_readme(meta, results, checks)
+        update_readme(meta, results, checks, whole)
+
+
+WHOLE_SPLIT = REPO / "docs" / "whole_split"
+TWENTY = "best method at 20% with recovery within 15% of dense"
+
+
+def whole_split_check(out_md: Path) -> dict | None:
+    """The 20% target as checked by the whole-split run (``docs/whole_split``), when the main
+    report is written and that run exists: a perplexity ratio measured on a few thousand tokens
+    depends on which tokens, so the target is also checked where the protocol has no cap."""
+    path = WHOLE_SPLIT / "quality.json"
+    if out_md.resolve() != (REPO / "docs" / "results.md").resolve() or not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    check = next((c for c in data["meta"].get("targets", []) if c["target"] == TWENTY), None)
+    if check is None or check["result"] == "n/a":
+        return None
+    dense = next(r for r in data["results"] if r.get("method") == "dense")
+    tokens = dense["rows"][0]["ppl"]["wikitext2@128"]["tokens"]
+    return {**check, "command": data["meta"]["command"], "date": data["meta"]["date"], "tokens": tokens,
+            "methods": sorted({r["method"] for r in data["results"] if r.get("method") != "dense" and r.get("rows")})}
+
+
+def whole_split_text(c: dict) -> list[str]:
+    return [f"**The 20% target on the whole WikiText-2 test split** ({c['tokens']:,} tokens scored, 128-token windows; "
+            f"[`whole_split/results.md`](whole_split/results.md), `{c['command']}`, {c['date']}; methods run there: "
+            f"{', '.join(c['methods'])}): best with recovery {fmt(c['ours'])} ({c['method']}) vs {fmt(c['reference'])} "
+            f"({c['against']}): **{c['result']}**. The capped table's figure comes from its first few thousand tokens, "
+            "where even the dense model's perplexity moves with the slice.", ""]
 
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def update_readme(meta: dict, results: list[dict], checks: list[dict]) -> None:
+def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: dict | None = None) -> None:
     """The README's results section: a short table (both ratios, with and without recovery) and the targets."""
     from graphprune.plan import atomic_write_text
 
@@ -545,7 +578,9 @@ def update_readme(meta: dict, results: list[dict], checks: list[dict]) -> None:
             f"{meta['model_name']}, from [`docs/results.md`](docs/results.md) (`{meta['command']}`, {meta['date']}; "
             "perplexity with 128-token windows; the caps of that run and every column are there):", "",
             *rows, "",
-            f"Targets of the quality issue: {passed} of {len(checks)} met — see the table in `docs/results.md`.", "",
+            f"Targets of the quality issue: {passed} of {len(checks)} met on this table — see `docs/results.md`."
+            + (f" The 20% target on the whole WikiText-2 test split: {fmt(whole['ours'])} ({whole['method']}) vs "
+               f"{fmt(whole['reference'])}, **{whole['result']}** (`docs/whole_split/`)." if whole else ""), "",
             README_END]
     start, end = text.index(README_START), text.index(README_END) + len(README_END)
     atomic_write_text(readme, text[:start] + "\n".join(body) + text[end:])

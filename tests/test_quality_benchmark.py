@@ -101,3 +101,19 @@ def test_perplexity_only_caps_keep_old_cache_keys_and_render_without_accuracy():
     checks = {c["target"]: c for c in quality.targets(results)}
     assert checks["best method at 20% with recovery within 15% of dense"]["result"] == "pass"  # 55 <= 1.15 x 50
     assert checks["HyWIA beats Taylor at 50%"]["result"] == "n/a"
+
+
+def test_main_report_quotes_the_whole_split_check(tmp_path, monkeypatch):
+    dense = {"recovery": "none", "ppl": {"wikitext2@128": {"ppl": 50.0, "tokens": 280000}}, "zeroshot": {}, "zeroshot_average": None}
+    tuned = {**dense, "recovery": "lora", "ppl": {"wikitext2@128": {"ppl": 60.0, "tokens": 280000}}}
+    results = [{"case": "dense", "method": "dense", "ratio": 0.0, "rows": [dense]},
+               {"case": "taylor:0.2", "method": "taylor", "ratio": 0.2, "rows": [dense, tuned]}]
+    meta = {"command": "python benchmarks/quality.py --max-tokens 0", "date": "d", "targets": quality.targets(results)}
+    (tmp_path / "quality.json").write_text(json.dumps({"meta": meta, "results": results}))
+    monkeypatch.setattr(quality, "WHOLE_SPLIT", tmp_path)
+    main_report = quality.REPO / "docs" / "results.md"
+    check = quality.whole_split_check(main_report)
+    assert check["result"] == "miss" and check["ours"] == 60.0 and check["reference"] == pytest.approx(57.5)
+    assert check["methods"] == ["taylor"] and check["tokens"] == 280000
+    assert "**miss**" in "\n".join(quality.whole_split_text(check))
+    assert quality.whole_split_check(tmp_path / "results.md") is None  # only the main report quotes it
