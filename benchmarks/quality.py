@@ -216,7 +216,9 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
         if trains_at_recovery_budget(method, caps):
             calib = recovery_windows(caps, tok, config["steps"], config["batch_size"])
         t0 = time.perf_counter()
-        pruned = graphprune.compile(model, ratio, method=method, calib=calib, progress=False, **config)
+        # the sizes and tokenizer serve options that name a text of their own (PAT's init_calib)
+        pruned = graphprune.compile(model, ratio, method=method, calib=calib, tokenizer=tok, n_samples=caps.calib_samples,
+                                    seq_len=caps.calib_seq_len, progress=False, **config)
         out["compile_seconds"] = time.perf_counter() - t0
         report = pruned.report
         out["score_seconds"] = report.seconds.get("score")

@@ -85,7 +85,8 @@ def run(case: str, recoveries: list[str] = ()):
             calib = recovery_windows(caps, tok, pat.steps, pat.batch_size)
         else:
             calib = calibration("wikitext2", tok, n_samples=caps.calib_samples, seq_len=caps.calib_seq_len, seed=0)
-        pruned = graphprune.compile(model, ratio, method=method, calib=calib, progress=False, **options)
+        pruned = graphprune.compile(model, ratio, method=method, calib=calib, tokenizer=tok, n_samples=caps.calib_samples,
+                                    seq_len=caps.calib_seq_len, progress=False, **options)
     seconds = time.perf_counter() - t0
 
     def valid_ppl(m) -> float:

@@ -35,7 +35,11 @@ channels sets the starting logits: ``+init_margin`` for its top ``D``, ``−init
 (the polarisation targets at the default ½). Not in the paper. It is for budgets far below the
 paper's: there the task loss barely separates the logits before they freeze, and the kept set is
 close to a random one (SmolLM2-135M, 20%, 40 steps: 367 of 461 kept channels shared with Taylor's
-choice, where chance gives 369). The logits still train, so the mask can move away from its start.
+choice, where chance gives 369). The logits still train, so the mask can move away from its start. ``init_calib`` (default: the
+text PAT trains on) is the text that pass scores on — anything ``calib=`` takes, as ``n_samples``
+windows of ``seq_len``. It matters: on SmolLM2-135M, Taylor's choice of 20% of the hidden channels
+scored on 32 × 128 tokens of WikiText-2 gives WikiText-2 validation perplexity 300 untrained;
+scored on 160 × 256 tokens of Alpaca (prompt + response) it gives 2,231 (``docs/validation.md``).
 
 Budget: the paper tunes 7B models on instruction data for whole epochs (r = 200 at d = 4096);
 the defaults here (``steps=100`` of ``batch_size=2`` calibration windows, ``lr=1e-3``, rank scaled
@@ -43,6 +47,7 @@ as ``round(d·200/4096)``) are sized for tiny models. What ran is put in ``Repor
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -113,6 +118,7 @@ class PAT(ScoringPass):
         mask_lr: float | None = None  # the logits' own learning rate (default: lr); see score()
         init: str | None = None  # a scoring pass whose top-D channels start at +init_margin (None: z = 0, the paper's)
         init_margin: float = 0.5
+        init_calib: object = None  # text the init pass scores on (a corpus name, texts, token ids; None: the training text)
         lora_r: int = 0  # LoRA rank trained alongside (0 = none; the reference uses 20)
         lora_alpha: float = 40.0
         lora_targets: tuple | None = None  # weight-name patterns (default: all block weights)
@@ -130,6 +136,8 @@ class PAT(ScoringPass):
                 raise GraphpruneError(f"pat: lora_r must be >= 0, got {self.lora_r!r}")
             if self.init is not None and self.init_margin <= 0:
                 raise GraphpruneError(f"pat: init_margin must be positive, got {self.init_margin!r}")
+            if self.init_calib is not None and self.init is None:
+                raise GraphpruneError("pat: init_calib is the text the init pass scores on; it needs init=")
             if self.init == "pat":
                 raise GraphpruneError("pat: init names the pass that ranks the channels before training; it cannot be pat")
 
@@ -151,6 +159,8 @@ class PAT(ScoringPass):
         c = self.config
         if c.init is None:
             return torch.zeros(group.size)
+        if c.init_calib is not None:  # the init pass sees the other text; its facts stay out of PAT's report
+            ctx = dataclasses.replace(ctx, calib=c.init_calib, info={})
         scores = get_pass(c.init)().score(ctx)[group.name].float().flatten()
         top = torch.zeros(group.size, dtype=torch.bool)
         top[torch.argsort(scores, descending=True, stable=True)[:keep_count]] = True
@@ -240,7 +250,9 @@ class PAT(ScoringPass):
         ctx.info["pat"] = {
             "steps": result.steps, "seconds": result.seconds, "batch_size": c.batch_size, "lr": c.lr, "mask_lr": c.mask_lr or c.lr,
             "rank": hsm.rank, "hsms": len(hsm.operator_sites), "mask_only_sites": len(hsm.sites) - len(hsm.operator_sites),
-            "lora_r": c.lora_r, "init": c.init, "keep": keep_count, "hidden": group.size, "exact_count": exact,
+            "lora_r": c.lora_r, "init": c.init,
+            "init_calib": None if c.init_calib is None else c.init_calib if isinstance(c.init_calib, str) else type(c.init_calib).__name__,
+            "keep": keep_count, "hidden": group.size, "exact_count": exact,
             "first_loss": result.losses[0], "last_loss": result.losses[-1], "last_terms": last,
             "merge_error": error,
         }

@@ -17,8 +17,8 @@ RATIO = 0.3
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (see conftest)
 
 
-def calib_ids(vocab: int = 128) -> torch.Tensor:
-    return torch.randint(0, vocab, (8, 24), generator=torch.Generator().manual_seed(0))
+def calib_ids(vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (8, 24), generator=torch.Generator().manual_seed(seed))
 
 
 def pruned_and_trained(name: str, **config):
@@ -174,6 +174,23 @@ def test_init_starts_the_mask_from_another_pass():
     free = PAT(steps=5, mask_lr=1e-6)
     compiled = graphprune.compile(model, RATIO, method=free, calib=calib_ids(), progress=False)
     assert compiled.plan.groups[0].keep != magnitude.plan.groups[0].keep
+
+
+def test_init_pass_scores_on_its_own_text():
+    """``init_calib``: the init pass ranks on that text (PAT trains on ``calib``), as if compiled on it."""
+    import zoo
+
+    model = zoo.ZOO["llama_gqa"]()
+    other = calib_ids(seed=7)
+    taylor_other = graphprune.compile(model, RATIO, method="taylor", calib=other, kinds=("hidden",), progress=False)
+    taylor_train = graphprune.compile(model, RATIO, method="taylor", calib=calib_ids(), kinds=("hidden",), progress=False)
+    assert taylor_other.plan.groups[0].keep != taylor_train.plan.groups[0].keep  # the two texts rank differently
+    pat = PAT(steps=5, init="taylor", init_calib=other, mask_lr=1e-6)
+    compiled = graphprune.compile(model, RATIO, method=pat, calib=calib_ids(), progress=False)
+    assert compiled.plan.groups[0].keep == taylor_other.plan.groups[0].keep
+    assert compiled.report.scoring["pat"]["init_calib"] == "Tensor"
+    with pytest.raises(GraphpruneError, match="needs init="):
+        PAT(init_calib="wikitext2")
 
 
 def test_bad_config_is_refused():
