@@ -51,6 +51,8 @@ TASK_LABELS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaS.", "winogr
 
 
 PERPLEXITIES = ("wikitext2@128", "ptb@128", "wikitext2@long", "ptb@long")
+ALL_PERPLEXITIES = ",".join(PERPLEXITIES)
+MAIN_REPORT = REPO / "docs" / "results.md"
 
 
 @dataclass
@@ -59,7 +61,7 @@ class Caps:
 
     max_tokens: int | None = None  # per corpus and protocol, for perplexity (None: the whole split)
     max_examples: int | None = None  # per zero-shot task (None: every question)
-    perplexities: str = ",".join(PERPLEXITIES)  # which corpus@protocol columns to measure
+    perplexities: str = ALL_PERPLEXITIES  # which corpus@protocol columns to measure
     zeroshot: bool = True  # False: perplexity only (e.g. a whole-split check, which takes long on a CPU)
     finetune_steps: int = 200
     finetune_batch: int = 4
@@ -148,6 +150,16 @@ def method_config(method: str, caps: Caps, extra: dict) -> dict:
     return config
 
 
+def recovery_options(caps: Caps, dense=None) -> dict:
+    """``graphprune.finetune`` keywords of the benchmark's recovery: a pruned model (``dense`` given)
+    learns from the dense model's logits, the dense model itself from the text."""
+    options = {"steps": caps.finetune_steps, "batch_size": caps.finetune_batch, "seq_len": caps.finetune_seq_len,
+               "lr": caps.finetune_lr, "lora_r": caps.lora_r, "lora_alpha": caps.lora_alpha}
+    if dense is not None and caps.finetune_distill:
+        options.update(distill_from=dense, distill_weight=caps.finetune_distill)
+    return options
+
+
 def recovery_windows(caps: Caps, tok, steps: int, batch: int):
     """PAT's training text: the recovery data (prompt + response), ``steps × batch`` windows of
     ``finetune_seq_len`` tokens: as many tokens of the same data as the dense model's LoRA recovery."""
@@ -230,13 +242,9 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
     out["peak_cuda_gib_compile"] = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     out["rows"].append({"recovery": "none", **evaluate_row(pruned, tok, caps, long_len)})
     if caps.finetune_steps > 0:
-        data = finetune_data_path(caps)
         t0 = time.perf_counter()
-        # a pruned model learns from the dense one's logits; the dense model itself from the text
-        distill = {"distill_from": model, "distill_weight": caps.finetune_distill} if method != "dense" and caps.finetune_distill else {}
-        tuned = graphprune.finetune(pruned, data, steps=caps.finetune_steps, tokenizer=tok, lora_r=caps.lora_r, **distill,
-                                    lora_alpha=caps.lora_alpha, lr=caps.finetune_lr, batch_size=caps.finetune_batch,
-                                    seq_len=caps.finetune_seq_len, progress=False)
+        tuned = graphprune.finetune(pruned, finetune_data_path(caps), tokenizer=tok, progress=False,
+                                    **recovery_options(caps, None if method == "dense" else model))
         info = tuned.finetune_info
         row = {"recovery": "lora", "finetune_seconds": time.perf_counter() - t0, "finetune_backend": info.backend,
                "finetune_first_loss": info.losses[0], "finetune_last_loss": info.losses[-1]}
@@ -247,7 +255,7 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
 
 # ================================================================ orchestration (parent process)
 # caps added after cases were cached: at these values they leave a case's key as it was
-KEY_DEFAULTS = {"perplexities": ",".join(PERPLEXITIES), "zeroshot": True}
+KEY_DEFAULTS = {"perplexities": ALL_PERPLEXITIES, "zeroshot": True}
 
 
 def cache_path(case: str, model: str, caps: dict, method_config: dict) -> Path:
@@ -484,7 +492,7 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
         "**Caps of this run** (numbers are only comparable between runs with the same caps): "
         f"perplexity on {'the first ' + fmt(caps['max_tokens']) if caps['max_tokens'] else 'all the'} tokens of each split "
         f"(WikiText-2 test, PTB validation; windows of 128 and {long_len} tokens, non-overlapping"
-        + ("" if caps.get("perplexities", ",".join(PERPLEXITIES)) == ",".join(PERPLEXITIES) else f"; measured: {caps['perplexities']}")
+        + ("" if caps.get("perplexities", ALL_PERPLEXITIES) == ALL_PERPLEXITIES else f"; measured: {caps['perplexities']}")
         + ("); zero-shot on " + (f"the first {caps['max_examples']}" if caps['max_examples'] else "all the") + " questions of each task"
            if caps.get("zeroshot", True) else "); no zero-shot") + f"; LoRA recovery (r={caps['lora_r']}, α={caps['lora_alpha']}) for "
         f"{caps['finetune_steps']} steps × {caps['finetune_batch']} sequences of ≤{caps['finetune_seq_len']} tokens, lr {caps['finetune_lr']}, "
@@ -523,7 +531,7 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
         lines += ["## Kept width per layer", "", f"![kept width per layer per method]({png.name})", ""]
     atomic_write_text(out_md, "\n".join(lines))
     atomic_write_text(out_json, json.dumps({"meta": meta, "results": results}, indent=1, default=str))
-    if out_md.resolve() == (REPO / "docs" / "results.md").resolve():
+    if out_md.resolve() == MAIN_REPORT.resolve():
         update_readme(meta, results, checks, whole)
 
 
@@ -536,7 +544,7 @@ def whole_split_check(out_md: Path) -> dict | None:
     report is written and that run exists: a perplexity ratio measured on a few thousand tokens
     depends on which tokens, so the target is also checked where the protocol has no cap."""
     path = WHOLE_SPLIT / "quality.json"
-    if out_md.resolve() != (REPO / "docs" / "results.md").resolve() or not path.exists():
+    if out_md.resolve() != MAIN_REPORT.resolve() or not path.exists():
         return None
     data = json.loads(path.read_text())
     check = next((c for c in data["meta"].get("targets", []) if c["target"] == TWENTY), None)

@@ -15,8 +15,9 @@ recovery options of ``benchmarks/quality.py`` were chosen from these numbers;
 A case is ``method:ratio:options`` (options: JSON for ``graphprune.compile``; ``dense:0:{}`` for
 the unpruned model). A recovery is JSON for ``graphprune.finetune`` over the quality benchmark's
 defaults (its data, batch, sequence length, lr, LoRA rank, and distillation from the dense model
-for a pruned one); the model is compiled once for all of them. Results are merged into ``docs/validation.json`` (by case) and the table in
-``docs/validation.md`` is rewritten; the prose above the table is not touched.
+for a pruned one); the model is compiled once for all of them. Results are merged into
+``docs/validation.json`` (by case) and the table in ``docs/validation.md`` is rewritten; the prose
+above the table is not touched.
 """
 from __future__ import annotations
 
@@ -51,15 +52,6 @@ def recovery_key(text: str) -> str:
     return json.dumps(options, sort_keys=True)
 
 
-def recovery_options(caps, options: dict, dense) -> dict:
-    """``graphprune.finetune`` keywords: the quality benchmark's recovery, overridden by ``options``."""
-    base = {"steps": caps.finetune_steps, "batch_size": caps.finetune_batch, "seq_len": caps.finetune_seq_len,
-            "lr": caps.finetune_lr, "lora_r": caps.lora_r, "lora_alpha": caps.lora_alpha}
-    if dense is not None and caps.finetune_distill:
-        base.update(distill_from=dense, distill_weight=caps.finetune_distill)
-    return {**base, **options}
-
-
 def run(case: str, recoveries: list[str] = ()):
     """Yields the case's result without recovery, then after each recovery (one compile for all)."""
     import torch
@@ -69,7 +61,7 @@ def run(case: str, recoveries: list[str] = ()):
     from graphprune.evaluate import perplexity
     from graphprune.io import load_model
     from graphprune.registry import get_pass
-    from quality import Caps, finetune_data_path, head_commit, recovery_windows
+    from quality import Caps, finetune_data_path, head_commit, recovery_options, recovery_windows
 
     method, ratio, options = parse_case(case)
     caps = Caps()  # the quality benchmark's calibration and recovery data
@@ -95,11 +87,11 @@ def run(case: str, recoveries: list[str] = ()):
     common = {"case": case, "method": method, "ratio": ratio, "options": options, "params": pruned.num_parameters(),
               "compile_seconds": seconds, "commit": head_commit()}
     yield {**common, "recovery": None, "valid_ppl": valid_ppl(pruned)}
-    for recovery in recoveries:
+    for recovery in map(json.loads, recoveries):
         t0 = time.perf_counter()
-        kwargs = recovery_options(caps, json.loads(recovery), None if method == "dense" else model)
+        kwargs = {**recovery_options(caps, None if method == "dense" else model), **recovery}
         tuned = graphprune.finetune(pruned, finetune_data_path(caps), tokenizer=tok, progress=False, **kwargs)
-        yield {**common, "recovery": json.loads(recovery), "finetune_seconds": time.perf_counter() - t0, "valid_ppl": valid_ppl(tuned)}
+        yield {**common, "recovery": recovery, "finetune_seconds": time.perf_counter() - t0, "valid_ppl": valid_ppl(tuned)}
 
 
 def result_key(result: dict) -> str:
@@ -108,9 +100,13 @@ def result_key(result: dict) -> str:
 
 
 def table(results: dict) -> str:
+    from quality import Caps
+
+    caps = Caps()
     lines = ["## Measured (WikiText-2 validation, 128-token windows, first 8,192 tokens)", "",
-             "Recovery: `graphprune.finetune` options over the quality benchmark's defaults (Alpaca data, 4 × 256 tokens a step, "
-             "lr 5e-4, LoRA r=8, KL to the dense model's logits on the response tokens).", "",
+             f"Recovery: `graphprune.finetune` options over the quality benchmark's defaults (`{caps.finetune_data}`, "
+             f"{caps.finetune_batch} × {caps.finetune_seq_len} tokens a step, lr {caps.finetune_lr:g}, LoRA r={caps.lora_r}, "
+             "KL to the dense model's logits on the response tokens).", "",
              "| method | ratio | options | recovery | params | valid PPL | commit |", "|---|---|---|---|---:|---:|---|"]
 
     def order(r):

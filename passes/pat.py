@@ -35,9 +35,9 @@ channels sets the starting logits: ``+init_margin`` for its top ``D``, ``−init
 (the polarisation targets at the default ½). Not in the paper. It is for budgets far below the
 paper's: there the task loss barely separates the logits before they freeze, and the kept set is
 close to a random one (SmolLM2-135M, 20%, 40 steps: 367 of 461 kept channels shared with Taylor's
-choice, where chance gives 369). The logits still train, so the mask can move away from its start. ``init_calib`` (default: the
-text PAT trains on) is the text that pass scores on — anything ``calib=`` takes, as ``n_samples``
-windows of ``seq_len``. It matters: on SmolLM2-135M, Taylor's choice of 20% of the hidden channels
+choice, where chance gives 369). The logits still train, so the mask can move away from its start.
+``init_calib`` (default: the text PAT trains on) is the text that pass scores on — anything
+``calib=`` takes, as ``n_samples`` windows of ``seq_len``. It matters: on SmolLM2-135M, Taylor's choice of 20% of the hidden channels
 scored on 32 × 128 tokens of WikiText-2 gives WikiText-2 validation perplexity 300 untrained;
 scored on 160 × 256 tokens of Alpaca (prompt + response) it gives 2,231 (``docs/validation.md``).
 
@@ -251,7 +251,7 @@ class PAT(ScoringPass):
             "steps": result.steps, "seconds": result.seconds, "batch_size": c.batch_size, "lr": c.lr, "mask_lr": c.mask_lr or c.lr,
             "rank": hsm.rank, "hsms": len(hsm.operator_sites), "mask_only_sites": len(hsm.sites) - len(hsm.operator_sites),
             "lora_r": c.lora_r, "init": c.init,
-            "init_calib": None if c.init_calib is None else c.init_calib if isinstance(c.init_calib, str) else type(c.init_calib).__name__,
+            "init_calib": c.init_calib if c.init_calib is None or isinstance(c.init_calib, str) else type(c.init_calib).__name__,
             "keep": keep_count, "hidden": group.size, "exact_count": exact,
             "first_loss": result.losses[0], "last_loss": result.losses[-1], "last_terms": last,
             "merge_error": error,
