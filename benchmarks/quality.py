@@ -256,6 +256,9 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
 # ================================================================ orchestration (parent process)
 # caps added after cases were cached: at these values they leave a case's key as it was
 KEY_DEFAULTS = {"perplexities": ALL_PERPLEXITIES, "zeroshot": True}
+# the calibration text of the pruned cases (the dense ones have none): when the library changes what
+# "wikitext2" calibration reads, every pruned case must run again, so it is part of their key
+CALIBRATION_TEXT = "WikiText-2 train without its <unk> markers"
 
 
 def cache_path(case: str, model: str, caps: dict, method_config: dict) -> Path:
@@ -263,7 +266,10 @@ def cache_path(case: str, model: str, caps: dict, method_config: dict) -> Path:
     method), so changing one method's options re-runs only that method's cases."""
     own = method_config.get(case.split(":")[0], {})
     caps = {k: v for k, v in caps.items() if k not in KEY_DEFAULTS or v != KEY_DEFAULTS[k]}
-    key = json.dumps({"case": case, "model": str(model), "caps": caps, "options": own}, sort_keys=True)
+    key = {"case": case, "model": str(model), "caps": caps, "options": own}
+    if not case.startswith("dense"):
+        key["calibration"] = CALIBRATION_TEXT
+    key = json.dumps(key, sort_keys=True)
     return CACHE_DIR / f"{case.replace(':', '_')}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -500,7 +506,7 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
         + (f", loss {caps['finetune_distill']:g} × KL to the dense model's logits + {1 - caps['finetune_distill']:g} × cross-entropy "
            f"(the dense model's own run: cross-entropy)" if caps.get("finetune_distill") else ", cross-entropy loss")
         + " — the same for every method and for the dense model; calibration "
-        f"{caps['calib_samples']} × {caps['calib_seq_len']} tokens of WikiText-2 train"
+        f"{caps['calib_samples']} × {caps['calib_seq_len']} tokens of {CALIBRATION_TEXT.replace('<unk>', '`<unk>`')}"
         + (f"; passes that train ran {caps['method_steps']} steps" + (" (PAT: the recovery's, see below)" if caps["finetune_steps"] else "")
            if caps["method_steps"] is not None else "") + ".",
         "",

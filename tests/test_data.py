@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from graphprune import GraphpruneError
-from graphprune.data import Calibration, calibration, corpus_text, load_tokenizer, model_inputs
+from graphprune.data import CORPORA, Calibration, calibration, corpus_text, load_tokenizer, model_inputs
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +18,25 @@ def test_corpora_are_found():
         corpus_text("ptb", "train")
     with pytest.raises(GraphpruneError, match="unknown corpus"):
         corpus_text("no-such-corpus")
+
+
+def test_wikitext_training_and_validation_text_has_no_unknown_word_markers():
+    # the reported (raw) test split has no "<unk>"; text with them flatters methods that train on it
+    from graphprune.data import data_dir, read_text
+
+    for split in ("train", "valid"):
+        marked = read_text(data_dir() / CORPORA["wikitext2"][split])
+        text = corpus_text("wikitext2", split)
+        assert marked.count("<unk>") > 1000 and "<unk>" not in text
+        assert len(text) == len(marked) - marked.count(" <unk>") * len(" <unk>") - marked.replace(" <unk>", "").count("<unk>") * 5
+    assert corpus_text("ptb", "valid").count("<unk>") > 1000  # PTB's reported split keeps them too
+
+
+def test_text_passed_as_a_corpus_name_is_a_clear_error(tok):
+    text = "a long text, not a file name " * 400  # longer than any file name may be
+    with pytest.raises(GraphpruneError, match="list of strings"):
+        calibration(text, tok)
+    assert len(calibration([text], tok, n_samples=2, seq_len=16)) == 2
 
 
 def test_every_form_gives_fixed_windows(tok):

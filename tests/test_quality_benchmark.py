@@ -84,6 +84,14 @@ def test_validation_cases_have_one_spelling_and_a_table_row():
     assert text.startswith("## Measured") and "| taylor | 50% |" in text and "| 1,146.18 | abc1234 |" in text
 
 
+def test_pruned_cases_rerun_when_the_calibration_text_changes(monkeypatch):
+    caps = {"max_tokens": 4096}
+    before = {case: quality.cache_path(case, "m", caps, {}) for case in ("dense", "taylor:0.2")}
+    monkeypatch.setattr(quality, "CALIBRATION_TEXT", "some other text")
+    assert quality.cache_path("dense", "m", caps, {}) == before["dense"]  # not calibrated: still cached
+    assert quality.cache_path("taylor:0.2", "m", caps, {}) != before["taylor:0.2"]
+
+
 def test_perplexity_only_caps_keep_old_cache_keys_and_render_without_accuracy():
     from dataclasses import asdict
 
