@@ -224,7 +224,7 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
         out.update(score_seconds=None, compile_seconds=None, config={})
     else:
         config = method_config(method, caps, extra)
-        out["config"] = config
+        out["config"], out["calibration"] = config, CALIBRATION_TEXT
         if trains_at_recovery_budget(method, caps):
             calib = recovery_windows(caps, tok, config["steps"], config["batch_size"])
         t0 = time.perf_counter()
@@ -259,6 +259,7 @@ KEY_DEFAULTS = {"perplexities": ALL_PERPLEXITIES, "zeroshot": True}
 # the calibration text of the pruned cases (the dense ones have none): when the library changes what
 # "wikitext2" calibration reads, every pruned case must run again, so it is part of their key
 CALIBRATION_TEXT = "WikiText-2 train without its <unk> markers"
+OLD_CALIBRATION_TEXT = "WikiText-2 train with its <unk> markers"
 
 
 def cache_path(case: str, model: str, caps: dict, method_config: dict) -> Path:
@@ -558,8 +559,11 @@ def whole_split_check(out_md: Path) -> dict | None:
         return None
     dense = next(r for r in data["results"] if r.get("method") == "dense")
     tokens = dense["rows"][0]["ppl"]["wikitext2@128"]["tokens"]
+    pruned = [r for r in data["results"] if r.get("method") != "dense" and r.get("rows")]
     return {**check, "command": data["meta"]["command"], "date": data["meta"]["date"], "tokens": tokens,
-            "methods": sorted({r["method"] for r in data["results"] if r.get("method") != "dense" and r.get("rows")})}
+            "methods": sorted({r["method"] for r in pruned}),
+            # results from before cases recorded it were calibrated on the text with the markers
+            "calibration": sorted({r.get("calibration", OLD_CALIBRATION_TEXT) for r in pruned})}
 
 
 def whole_split_text(c: dict) -> list[str]:
@@ -567,7 +571,9 @@ def whole_split_text(c: dict) -> list[str]:
             f"[`whole_split/results.md`](whole_split/results.md), `{c['command']}`, {c['date']}; methods run there: "
             f"{', '.join(c['methods'])}): best with recovery {fmt(c['ours'])} ({c['method']}) vs {fmt(c['reference'])} "
             f"({c['against']}): **{c['result']}**. The capped table's figure comes from its first few thousand tokens, "
-            "where even the dense model's perplexity moves with the slice.", ""]
+            "where even the dense model's perplexity moves with the slice."
+            + "".join(f" That run's pruned cases were calibrated on {t.replace('<unk>', '`<unk>`')}, not on this table's text."
+                      for t in c.get("calibration", []) if t != CALIBRATION_TEXT), ""]
 
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"

@@ -82,6 +82,11 @@ def test_validation_cases_have_one_spelling_and_a_table_row():
            "params": 81430848, "commit": "abc1234"}
     text = validation.table({a: row})
     assert text.startswith("## Measured") and "| taylor | 50% |" in text and "| 1,146.18 | abc1234 |" in text
+    # a result on today's text (no <unk> markers) keeps the older one beside it, each labelled
+    new = {**row, "valid_ppl": 900.0, "valid_text": validation.VALID_TEXT}
+    assert validation.result_key(new) != validation.result_key(row) == a
+    text = validation.table({a: row, validation.result_key(new): new})
+    assert "| with `<unk>` | 81,430,848 | 1,146.18 |" in text and "| without `<unk>` | 81,430,848 | 900.00 |" in text
 
 
 def test_pruned_cases_rerun_when_the_calibration_text_changes(monkeypatch):
@@ -123,5 +128,9 @@ def test_main_report_quotes_the_whole_split_check(tmp_path, monkeypatch):
     check = quality.whole_split_check(main_report)
     assert check["result"] == "miss" and check["ours"] == 60.0 and check["reference"] == pytest.approx(57.5)
     assert check["methods"] == ["taylor"] and check["tokens"] == 280000
-    assert "**miss**" in "\n".join(quality.whole_split_text(check))
+    text = "\n".join(quality.whole_split_text(check))
+    assert "**miss**" in text and "calibrated on WikiText-2 train with its `<unk>` markers" in text  # recorded no calibration
+    results[1]["calibration"] = quality.CALIBRATION_TEXT
+    (tmp_path / "quality.json").write_text(json.dumps({"meta": meta, "results": results}))
+    assert "calibrated on" not in "\n".join(quality.whole_split_text(quality.whole_split_check(main_report)))
     assert quality.whole_split_check(tmp_path / "results.md") is None  # only the main report quotes it
