@@ -24,8 +24,9 @@ CORPORA = {
     "ptb": {"valid": "ptb/valid.txt", "test": "ptb/test.txt"},
     "tinystories": {"valid": "tinystories/valid_head.txt.gz"},
 }
-# the split used to calibrate: never the one perplexity is reported on
-CALIBRATION_SPLIT = {"wikitext2": "train", "ptb": "valid", "tinystories": "valid"}
+# the split used to calibrate: never the one perplexity is reported on (PTB is reported on its
+# validation split, LLM-Pruner's convention, so it calibrates on test; TinyStories has one split only)
+CALIBRATION_SPLIT = {"wikitext2": "train", "ptb": "test", "tinystories": "valid"}
 # WikiText-2's train and validation files are the tokenised release, where rare words read "<unk>";
 # its test split is the raw one, with the words themselves. Text with the marker flatters exactly the
 # methods that train on it (" <unk>" is three BPE tokens, two of them free once the first is seen):

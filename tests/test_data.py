@@ -32,6 +32,15 @@ def test_wikitext_training_and_validation_text_has_no_unknown_word_markers():
     assert corpus_text("ptb", "valid").count("<unk>") > 1000  # PTB's reported split keeps them too
 
 
+def test_calibration_never_reads_the_split_perplexity_is_reported_on():
+    from graphprune.data import CALIBRATION_SPLIT
+    from graphprune.evaluate.perplexity import DEFAULT_SPLIT
+
+    for corpus, splits in CORPORA.items():
+        if len(splits) > 1:
+            assert CALIBRATION_SPLIT[corpus] != DEFAULT_SPLIT[corpus], corpus
+
+
 def test_text_passed_as_a_corpus_name_is_a_clear_error(tok):
     text = "a long text, not a file name " * 400  # longer than any file name may be
     with pytest.raises(GraphpruneError, match="list of strings"):
