@@ -14,8 +14,8 @@ recovery options of ``benchmarks/quality.py`` were chosen from these numbers;
 
 A case is ``method:ratio:options`` (options: JSON for ``graphprune.compile``; ``dense:0:{}`` for
 the unpruned model). A recovery is JSON for ``graphprune.finetune`` over the quality benchmark's
-defaults (its data, batch, sequence length, lr, LoRA rank, and distillation from the dense model
-for a pruned one); the model is compiled once for all of them. Results are merged into
+defaults (its data — ``"data"`` names another, e.g. ``"wikitext2"`` for WikiText-2 train — batch,
+sequence length, lr, LoRA rank, and distillation from the dense model for a pruned one); the model is compiled once for all of them. Results are merged into
 ``docs/validation.json`` (by case) and the table in ``docs/validation.md`` is rewritten; the prose
 above the table is not touched.
 """
@@ -93,7 +93,8 @@ def run(case: str, recoveries: list[str] = ()):
     for recovery in map(json.loads, recoveries):
         t0 = time.perf_counter()
         kwargs = {**recovery_options(caps, None if method == "dense" else model), **recovery}
-        tuned = graphprune.finetune(pruned, finetune_data_path(caps), tokenizer=tok, progress=False, **kwargs)
+        data = kwargs.pop("data", finetune_data_path(caps))  # e.g. "wikitext2": its train split
+        tuned = graphprune.finetune(pruned, data, tokenizer=tok, progress=False, **kwargs)
         yield {**common, "recovery": recovery, "finetune_seconds": time.perf_counter() - t0, "valid_ppl": valid_ppl(tuned)}
 
 
