@@ -117,9 +117,13 @@ def trains_at_recovery_budget(method: str, caps: Caps) -> bool:
 
 
 def finetune_data_path(caps: Caps) -> str:
-    from graphprune.data import data_dir
+    """The recovery data as ``graphprune.finetune`` takes it: a corpus name (its training split), an
+    absolute path, or a path inside the shared data folder."""
+    from graphprune.data import CORPORA, data_dir
 
-    return caps.finetune_data if Path(caps.finetune_data).is_absolute() else str(data_dir() / caps.finetune_data)
+    if caps.finetune_data in CORPORA or Path(caps.finetune_data).is_absolute():
+        return caps.finetune_data
+    return str(data_dir() / caps.finetune_data)
 
 
 def method_config(method: str, caps: Caps, extra: dict) -> dict:
@@ -190,7 +194,7 @@ def recipe_note(caps: dict) -> list[str]:
            if caps.get("finetune_steps") else "")
         + " Why not heads by default: a unit is a whole KV group, a third of "
           "SmolLM2's attention per layer; Taylor at 20% with heads and channels gives WikiText-2 *validation* PPL "
-          "97.8, with channels only 65.4 (dense 42.2). The recipe and the options of `--method-config` were chosen "
+          "97.8, with channels only 65.4 (dense 42.2; that text still had `<unk>` markers). The recipe and the options of `--method-config` were chosen "
           "on that validation text, never on the splits reported here: [validation.md](validation.md).",
         "",
     ]
@@ -484,6 +488,7 @@ def noise_note(caps: dict) -> list[str]:
 
 
 def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) -> None:
+    from graphprune.data import CORPORA
     from graphprune.plan import atomic_write_text
 
     caps = meta["caps"]
@@ -503,7 +508,7 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
         + ("); zero-shot on " + (f"the first {caps['max_examples']}" if caps['max_examples'] else "all the") + " questions of each task"
            if caps.get("zeroshot", True) else "); no zero-shot") + f"; LoRA recovery (r={caps['lora_r']}, α={caps['lora_alpha']}) for "
         f"{caps['finetune_steps']} steps × {caps['finetune_batch']} sequences of ≤{caps['finetune_seq_len']} tokens, lr {caps['finetune_lr']}, "
-        f"on `{caps['finetune_data']}`"
+        f"on `{caps['finetune_data']}`" + (" (its train split)" if caps["finetune_data"] in CORPORA else "")
         + (f", loss {caps['finetune_distill']:g} × KL to the dense model's logits + {1 - caps['finetune_distill']:g} × cross-entropy "
            f"(the dense model's own run: cross-entropy)" if caps.get("finetune_distill") else ", cross-entropy loss")
         + " — the same for every method and for the dense model; calibration "
@@ -623,6 +628,8 @@ def main() -> None:
     parser.add_argument("--finetune-batch", type=int)
     parser.add_argument("--finetune-seq-len", type=int)
     parser.add_argument("--finetune-lr", type=float)
+    parser.add_argument("--finetune-data", help="recovery data: a file in the shared data folder (default "
+                                               f"{Caps.finetune_data}), a path, or a corpus name (wikitext2: its train split)")
     parser.add_argument("--finetune-distill", type=float, help="weight of the KL to the dense logits in recovery (0: cross-entropy only)")
     parser.add_argument("--calib-samples", type=int)
     parser.add_argument("--method-steps", type=int, help="steps of the passes that train (their `steps` option)")
@@ -654,7 +661,7 @@ def main() -> None:
         return
 
     caps = Caps(**(QUICK if args.quick else {}))
-    for name in ("max_tokens", "max_examples", "finetune_steps", "finetune_batch", "finetune_seq_len", "finetune_lr", "finetune_distill",
+    for name in ("max_tokens", "max_examples", "finetune_steps", "finetune_batch", "finetune_seq_len", "finetune_lr", "finetune_data", "finetune_distill",
                  "calib_samples", "method_steps", "device", "kinds", "protect_layers", "perplexities", "zeroshot"):
         value = getattr(args, name)
         if value is not None:

@@ -89,6 +89,13 @@ def test_validation_cases_have_one_spelling_and_a_table_row():
     assert "| with `<unk>` | 81,430,848 | 1,146.18 |" in text and "| without `<unk>` | 81,430,848 | 900.00 |" in text
 
 
+def test_recovery_data_may_be_a_corpus_name():
+    from graphprune.data import data_dir
+
+    assert quality.finetune_data_path(quality.Caps()) == str(data_dir() / quality.Caps.finetune_data)
+    assert quality.finetune_data_path(quality.Caps(finetune_data="wikitext2")) == "wikitext2"  # finetune reads its train split
+
+
 def test_pruned_cases_rerun_when_the_calibration_text_changes(monkeypatch):
     caps = {"max_tokens": 4096}
     before = {case: quality.cache_path(case, "m", caps, {}) for case in ("dense", "taylor:0.2")}
