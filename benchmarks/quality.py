@@ -194,8 +194,9 @@ def recipe_note(caps: dict) -> list[str]:
            if caps.get("finetune_steps") else "")
         + " Why not heads by default: a unit is a whole KV group, a third of "
           "SmolLM2's attention per layer; Taylor at 20% with heads and channels gives WikiText-2 *validation* PPL "
-          "97.8, with channels only 65.4 (dense 42.2; that text still had `<unk>` markers). The recipe and the options of `--method-config` were chosen "
-          "on that validation text, never on the splits reported here: [validation.md](validation.md).",
+          "97.8, with channels only 65.4 (dense 42.2; that text still had `<unk>` markers). The recipe and the "
+          "options of `--method-config` were chosen on that validation text, never on the splits reported here: "
+          "[validation.md](validation.md).",
         "",
     ]
 
@@ -220,7 +221,6 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
     method, _, ratio = case.partition(":")
     ratio = float(ratio or 0)
     out: dict = {"case": case, "method": method, "ratio": ratio, "device": device, "rows": [], "commit": head_commit()}
-    calib = calibration("wikitext2", tok, n_samples=caps.calib_samples, seq_len=caps.calib_seq_len, seed=0)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if method == "dense":
@@ -231,6 +231,8 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
         out["config"], out["calibration"] = config, CALIBRATION_TEXT
         if trains_at_recovery_budget(method, caps):
             calib = recovery_windows(caps, tok, config["steps"], config["batch_size"])
+        else:
+            calib = calibration("wikitext2", tok, n_samples=caps.calib_samples, seq_len=caps.calib_seq_len, seed=0)
         t0 = time.perf_counter()
         # the sizes and tokenizer serve options that name a text of their own (PAT's init_calib)
         pruned = graphprune.compile(model, ratio, method=method, calib=calib, tokenizer=tok, n_samples=caps.calib_samples,
@@ -269,10 +271,11 @@ OLD_CALIBRATION_TEXT = "WikiText-2 train with its <unk> markers"
 def cache_path(case: str, model: str, caps: dict, method_config: dict) -> Path:
     """Where a finished case is kept: one file per (model, case, caps, the options of the case's own
     method), so changing one method's options re-runs only that method's cases."""
-    own = method_config.get(case.split(":")[0], {})
+    method = case.split(":")[0]
+    own = method_config.get(method, {})
     caps = {k: v for k, v in caps.items() if k not in KEY_DEFAULTS or v != KEY_DEFAULTS[k]}
     key = {"case": case, "model": str(model), "caps": caps, "options": own}
-    if not case.startswith("dense"):
+    if method != "dense":
         key["calibration"] = CALIBRATION_TEXT
     key = json.dumps(key, sort_keys=True)
     return CACHE_DIR / f"{case.replace(':', '_')}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
@@ -661,8 +664,9 @@ def main() -> None:
         return
 
     caps = Caps(**(QUICK if args.quick else {}))
-    for name in ("max_tokens", "max_examples", "finetune_steps", "finetune_batch", "finetune_seq_len", "finetune_lr", "finetune_data", "finetune_distill",
-                 "calib_samples", "method_steps", "device", "kinds", "protect_layers", "perplexities", "zeroshot"):
+    for name in ("max_tokens", "max_examples", "finetune_steps", "finetune_batch", "finetune_seq_len", "finetune_lr",
+                 "finetune_data", "finetune_distill", "calib_samples", "method_steps", "device", "kinds", "protect_layers",
+                 "perplexities", "zeroshot"):
         value = getattr(args, name)
         if value is not None:
             setattr(caps, name, value)

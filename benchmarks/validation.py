@@ -15,9 +15,9 @@ recovery options of ``benchmarks/quality.py`` were chosen from these numbers;
 A case is ``method:ratio:options`` (options: JSON for ``graphprune.compile``; ``dense:0:{}`` for
 the unpruned model). A recovery is JSON for ``graphprune.finetune`` over the quality benchmark's
 defaults (its data — ``"data"`` names another, e.g. ``"wikitext2"`` for WikiText-2 train — batch,
-sequence length, lr, LoRA rank, and distillation from the dense model for a pruned one); the model is compiled once for all of them. Results are merged into
-``docs/validation.json`` (by case) and the table in ``docs/validation.md`` is rewritten; the prose
-above the table is not touched.
+sequence length, lr, LoRA rank, and distillation from the dense model for a pruned one); the model
+is compiled once for all of them. Results are merged into ``docs/validation.json`` (by case) and
+the table in ``docs/validation.md`` is rewritten; the prose above the table is not touched.
 """
 from __future__ import annotations
 
@@ -118,7 +118,8 @@ def table(results: dict) -> str:
              "KL to the dense model's logits on the response tokens).", "",
              "*text*: WikiText-2's validation file marks rare words `<unk>`; rows measured before the library dropped "
              "the markers (see `graphprune/data.py`) say *with `<unk>`* (both the text measured and the calibration).", "",
-             "| method | ratio | options | recovery | text | params | valid PPL | commit |", "|---|---|---|---|---|---:|---:|---|"]
+             "| method | ratio | options | recovery | text | params | valid PPL | commit |",
+             "|---|---|---|---|---|---:|---:|---|"]
 
     def order(r):
         return (r["method"], r["ratio"], json.dumps(r["options"], sort_keys=True), json.dumps(r.get("recovery"), sort_keys=True),
@@ -126,8 +127,8 @@ def table(results: dict) -> str:
 
     for r in sorted(results.values(), key=order):
         recovery = f"`{json.dumps(r['recovery'], sort_keys=True)}`" if r.get("recovery") is not None else "none"
-        lines.append(f"| {r['method']} | {r['ratio']:.0%} | `{json.dumps(r['options'], sort_keys=True)}` | {recovery} | {text_label(r)} | {r['params']:,} "
-                     f"| {r['valid_ppl']:,.2f} | {r['commit']} |")
+        lines.append(f"| {r['method']} | {r['ratio']:.0%} | `{json.dumps(r['options'], sort_keys=True)}` | {recovery} "
+                     f"| {text_label(r)} | {r['params']:,} | {r['valid_ppl']:,.2f} | {r['commit']} |")
     return "\n".join(lines) + "\n"
 
 

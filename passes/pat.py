@@ -37,9 +37,10 @@ paper's: there the task loss barely separates the logits before they freeze, and
 close to a random one (SmolLM2-135M, 20%, 40 steps: 367 of 461 kept channels shared with Taylor's
 choice, where chance gives 369). The logits still train, so the mask can move away from its start.
 ``init_calib`` (default: the text PAT trains on) is the text that pass scores on — anything
-``calib=`` takes, as ``n_samples`` windows of ``seq_len``. It matters: on SmolLM2-135M, Taylor's choice of 20% of the hidden channels
-scored on 32 × 128 tokens of WikiText-2 gives WikiText-2 validation perplexity 300 untrained;
-scored on 160 × 256 tokens of Alpaca (prompt + response) it gives 2,231 (``docs/validation.md``).
+``calib=`` takes, as ``n_samples`` windows of ``seq_len``. It matters: on SmolLM2-135M, Taylor's
+choice of 20% of the hidden channels scored on 32 × 128 tokens of WikiText-2 gives WikiText-2
+validation perplexity 300 untrained; scored on 160 × 256 tokens of Alpaca (prompt + response) it
+gives 2,231 (``docs/validation.md``; both on the validation text that still had ``<unk>`` markers).
 
 Budget: the paper tunes 7B models on instruction data for whole epochs (r = 200 at d = 4096);
 the defaults here (``steps=100`` of ``batch_size=2`` calibration windows, ``lr=1e-3``, rank scaled
