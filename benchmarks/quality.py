@@ -17,8 +17,12 @@ PNG of the kept width per layer per method, plus a JSON file:
     python benchmarks/quality.py                                    # full: docs/results.md, docs/quality.json
     python benchmarks/quality.py --quick --model ../shared/data/models/stories260K   # smoke test (/tmp)
     python benchmarks/quality.py --max-tokens 32768 --max-examples 500 --finetune-steps 200
+    python benchmarks/quality.py --methods taylor,bernoulli --ratios 0.5 --seeds 0,1,2   # means and spread over 3 seeds
 
-Every cap is recorded in the output and printed next to the table.
+Every cap is recorded in the output and printed next to the table. One calibration sample can
+move a method's perplexity at 50% by 2× without recovery, so a comparison of two methods there
+needs several seeds: with ``--seeds`` each pruned case runs once per seed, the table shows the
+means, and the targets call a difference within noise when the two methods' ranges overlap.
 """
 from __future__ import annotations
 
@@ -164,7 +168,7 @@ def recovery_options(caps: Caps, dense=None) -> dict:
     return options
 
 
-def recovery_windows(caps: Caps, tok, steps: int, batch: int):
+def recovery_windows(caps: Caps, tok, steps: int, batch: int, seed: int = 0):
     """PAT's training text: the recovery data (prompt + response), ``steps × batch`` windows of
     ``finetune_seq_len`` tokens: as many tokens of the same data as the dense model's LoRA recovery."""
     from graphprune.data import calibration
@@ -172,10 +176,10 @@ def recovery_windows(caps: Caps, tok, steps: int, batch: int):
 
     path = finetune_data_path(caps)
     if not path.endswith((".json", ".json.gz")):
-        return calibration(path, tok, n_samples=steps * batch, seq_len=caps.finetune_seq_len, seed=0)
+        return calibration(path, tok, n_samples=steps * batch, seq_len=caps.finetune_seq_len, seed=seed)
     records = read_instruction_json(path)[: 4 * steps * batch]
     texts = [alpaca_prompt(r) + r["output"] for r in records]
-    return calibration(texts, tok, n_samples=steps * batch, seq_len=caps.finetune_seq_len, seed=0)
+    return calibration(texts, tok, n_samples=steps * batch, seq_len=caps.finetune_seq_len, seed=seed)
 
 
 def recipe_note(caps: dict) -> list[str]:
@@ -205,6 +209,20 @@ def head_commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip() or "?"
 
 
+def case_name(method: str, ratio: float | None = None, seed: int = 0) -> str:
+    """``dense``, ``taylor:0.5``, ``taylor:0.5:seed1``: seed 0's name (and so its cache key) is the
+    name cases had before seeds existed."""
+    if method == "dense":
+        return method
+    return f"{method}:{ratio}" + (f":seed{seed}" if seed else "")
+
+
+def parse_case(case: str) -> tuple[str, float, int]:
+    method, _, rest = case.partition(":")
+    ratio, _, seed = rest.partition(":")
+    return method, float(ratio or 0), int(seed.removeprefix("seed") or 0)
+
+
 def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
     import torch
 
@@ -218,9 +236,10 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
     model, tok = loaded.model.to(device), loaded.tokenizer()
     limit = getattr(model.config, "max_position_embeddings", None)
     long_len = min(LONG_CONTEXT, limit) if limit else LONG_CONTEXT
-    method, _, ratio = case.partition(":")
-    ratio = float(ratio or 0)
-    out: dict = {"case": case, "method": method, "ratio": ratio, "device": device, "rows": [], "commit": head_commit()}
+    method, ratio, seed = parse_case(case)
+    # the seed draws the calibration windows and every random choice of the method and the recovery
+    out: dict = {"case": case, "method": method, "ratio": ratio, "seed": seed, "device": device, "rows": [],
+                 "commit": head_commit()}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if method == "dense":
@@ -230,13 +249,13 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
         config = method_config(method, caps, extra)
         out["config"], out["calibration"] = config, CALIBRATION_TEXT
         if trains_at_recovery_budget(method, caps):
-            calib = recovery_windows(caps, tok, config["steps"], config["batch_size"])
+            calib = recovery_windows(caps, tok, config["steps"], config["batch_size"], seed)
         else:
-            calib = calibration("wikitext2", tok, n_samples=caps.calib_samples, seq_len=caps.calib_seq_len, seed=0)
+            calib = calibration("wikitext2", tok, n_samples=caps.calib_samples, seq_len=caps.calib_seq_len, seed=seed)
         t0 = time.perf_counter()
         # the sizes and tokenizer serve options that name a text of their own (PAT's init_calib)
         pruned = graphprune.compile(model, ratio, method=method, calib=calib, tokenizer=tok, n_samples=caps.calib_samples,
-                                    seq_len=caps.calib_seq_len, progress=False, **config)
+                                    seq_len=caps.calib_seq_len, seed=seed, progress=False, **config)
         out["compile_seconds"] = time.perf_counter() - t0
         report = pruned.report
         out["score_seconds"] = report.seconds.get("score")
@@ -249,7 +268,7 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
     out["rows"].append({"recovery": "none", **evaluate_row(pruned, tok, caps, long_len)})
     if caps.finetune_steps > 0:
         t0 = time.perf_counter()
-        tuned = graphprune.finetune(pruned, finetune_data_path(caps), tokenizer=tok, progress=False,
+        tuned = graphprune.finetune(pruned, finetune_data_path(caps), tokenizer=tok, progress=False, seed=seed,
                                     **recovery_options(caps, None if method == "dense" else model))
         info = tuned.finetune_info
         row = {"recovery": "lora", "finetune_seconds": time.perf_counter() - t0, "finetune_backend": info.backend,
@@ -269,9 +288,9 @@ OLD_CALIBRATION_TEXT = "WikiText-2 train with its <unk> markers"
 
 
 def cache_path(case: str, model: str, caps: dict, method_config: dict) -> Path:
-    """Where a finished case is kept: one file per (model, case, caps, the options of the case's own
-    method), so changing one method's options re-runs only that method's cases."""
-    method = case.split(":")[0]
+    """Where a finished case is kept: one file per (model, case — with its seed —, caps, the options
+    of the case's own method), so changing one method's options re-runs only that method's cases."""
+    method = parse_case(case)[0]
     own = method_config.get(method, {})
     caps = {k: v for k, v in caps.items() if k not in KEY_DEFAULTS or v != KEY_DEFAULTS[k]}
     key = {"case": case, "model": str(model), "caps": caps, "options": own}
@@ -300,6 +319,53 @@ def run_in_child(case: str, args, caps: Caps, threads: int | None = None) -> dic
         Path(result_path).unlink(missing_ok=True)
 
 
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def merge_seeds(results: list[dict]) -> list[dict]:
+    """One result per (method, ratio). A case run with several seeds becomes one whose figures are
+    the means over the seeds that finished; each perplexity and the zero-shot average also keep the
+    value of every seed (``per_seed``), from which the targets tell a difference from the spread."""
+    groups: dict[tuple, list[dict]] = {}
+    for res in results:
+        groups.setdefault((res.get("method"), round(res.get("ratio", 0), 9)), []).append(res)
+    merged = []
+    for group in groups.values():
+        done = [r for r in group if r.get("rows")]
+        merged.append(group[0] if len(group) == 1 or not done else _mean_of_seeds(done, len(group)))
+    return merged
+
+
+def _mean_of_seeds(done: list[dict], cases: int) -> dict:
+    first = done[0]
+    out = {**first, "case": case_name(first["method"], first["ratio"]), "seeds": [r.get("seed", 0) for r in done],
+           "seed_cases": cases, "score_seconds": _mean([r.get("score_seconds") for r in done])}
+    for key in ("peak_cuda_gib_compile", "peak_rss_gib_compile"):
+        out[key] = max((r[key] for r in done if r.get(key) is not None), default=None)
+    out["rows"] = []
+    for row in first["rows"]:
+        same = [next(x for x in r["rows"] if x["recovery"] == row["recovery"]) for r in done
+                if any(x["recovery"] == row["recovery"] for x in r["rows"])]
+        ppl = {}
+        for key, value in row["ppl"].items():
+            values = [x["ppl"][key]["ppl"] for x in same if key in x["ppl"]]
+            ppl[key] = {**value, "ppl": _mean(values), "per_seed": values}
+        zeroshot = {task: {**value, "score": _mean([x["zeroshot"][task]["score"] for x in same if task in x["zeroshot"]])}
+                    for task, value in row["zeroshot"].items()}
+        averages = [x["zeroshot_average"] for x in same if x.get("zeroshot_average") is not None]
+        out["rows"].append({**row, "ppl": ppl, "zeroshot": zeroshot, "zeroshot_average": _mean(averages),
+                            "zeroshot_average_per_seed": averages,
+                            "finetune_seconds": _mean([x.get("finetune_seconds") for x in same])})
+    return out
+
+
+def _seeds_label(res: dict) -> str:
+    n = len(res.get("seeds", [res.get("seed", 0)]))
+    return f"{n}" + (f" of {res['seed_cases']}" if res.get("seed_cases", n) != n else "")
+
+
 def fmt(x, digits=2) -> str:
     if x is None:
         return "–"
@@ -309,19 +375,21 @@ def fmt(x, digits=2) -> str:
 
 
 def table(results: list[dict], long_len: int) -> str:
-    head = ["method", "ratio", "recovery", "params", "Wiki2@128", "PTB@128", f"Wiki2@{long_len}", f"PTB@{long_len}",
-            *TASK_LABELS.values(), "avg", "score s", "FT s", "peak GiB"]
+    """One line per (method, ratio, recovery); with several seeds, the means (a *seeds* column says over how many)."""
+    seeded = any(len(res.get("seeds", ())) > 1 or res.get("seed_cases", 1) > 1 for res in results)
+    head = ["method", "ratio", *(["seeds"] if seeded else []), "recovery", "params", "Wiki2@128", "PTB@128",
+            f"Wiki2@{long_len}", f"PTB@{long_len}", *TASK_LABELS.values(), "avg", "score s", "FT s", "peak GiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in results:
-        label = res["case"].split(":")[0]
-        ratio = f"{res.get('ratio', 0):.0%}" if label != "dense" else "–"
+        label = res["method"]
+        ratio = [f"{res.get('ratio', 0):.0%}" if label != "dense" else "–", *([_seeds_label(res)] if seeded else [])]
         if res.get("missing") or res.get("error") or res.get("pending"):
             status = "*missing*" if res.get("missing") else "*pending*" if res.get("pending") else "*failed*"
-            lines.append(f"| {label} | {ratio} | {status} | " + " | ".join(["–"] * (len(head) - 3)) + " |")
+            lines.append(f"| {label} | {' | '.join(ratio)} | {status} | " + " | ".join(["–"] * (len(head) - 3 - seeded)) + " |")
             continue
         for row in res["rows"]:
             ppl = row["ppl"]
-            cells = [label, ratio, row["recovery"], fmt(res["params"])]
+            cells = [label, *ratio, row["recovery"], fmt(res["params"])]
             for key in ("wikitext2@128", "ptb@128", "wikitext2@long", "ptb@long"):
                 cells.append(fmt(ppl[key]["ppl"]) if key in ppl else "–")
             zs = row["zeroshot"]
@@ -333,6 +401,28 @@ def table(results: list[dict], long_len: int) -> str:
             cells.append(fmt(peak, 2))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def seeds_table(results: list[dict]) -> list[str]:
+    """Each seed's figures for the cases run with several (the table shows their means)."""
+    lines = []
+    for res in results:
+        if len(res.get("seeds", ())) < 2:
+            continue
+        for row in res["rows"]:
+            cells = [", ".join(fmt(v) for v in row["ppl"][key].get("per_seed", ())) if key in row["ppl"] else "–"
+                     for key in ("wikitext2@128", "ptb@128")]
+            cells.append(", ".join(fmt(100 * v, 1) for v in row.get("zeroshot_average_per_seed", ())) or "–")
+            lines.append(f"| {res['method']} | {res['ratio']:.0%} | {row['recovery']} | "
+                         f"{', '.join(map(str, res['seeds']))} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return ["## Seeds", "",
+            "A seed draws the calibration windows and every random choice of the method (Bernoulli's mask samples, "
+            "LoRAPrune's and PAT's initial adapters) and of the recovery (its adapters, its order of examples); the "
+            "dense model runs once (seed 0). The table above shows the means; each seed's figures:", "",
+            "| method | ratio | recovery | seeds | Wiki2@128 | PTB@128 | 0-shot avg % |", "|---|---|---|---|---|---|---|",
+            *lines, ""]
 
 
 # ================================================================ the issue's targets, checked on the table
@@ -351,6 +441,15 @@ def _acc(row: dict | None) -> float | None:
     return 100 * row["zeroshot_average"] if row and row.get("zeroshot_average") is not None else None
 
 
+def _per_seed(row: dict | None, key: str) -> list[float]:
+    """A row's figure for each seed it ran with (``key`` a perplexity column, or ``"acc"``)."""
+    if row is None:
+        return []
+    if key == "acc":
+        return [100 * v for v in row.get("zeroshot_average_per_seed") or ()] or [v for v in [_acc(row)] if v is not None]
+    return list(row["ppl"][key].get("per_seed") or [row["ppl"][key]["ppl"]]) if key in row["ppl"] else []
+
+
 def _acc_se(row: dict | None) -> float | None:
     """Standard error of a row's zero-shot average, in points, from each task's accuracy and count."""
     if not row or not row.get("zeroshot"):
@@ -366,35 +465,43 @@ def targets(results: list[dict]) -> list[dict]:
     Like is compared with like: rows without recovery with rows without, rows with the same LoRA
     recovery budget with each other. PAT trains during pruning (at the recovery's budget), so its row
     without extra recovery is compared with the dense model after its LoRA recovery. Accuracy
-    comparisons also say whether the gap exceeds two standard errors of the difference.
+    comparisons also say whether the gap exceeds two standard errors of the difference. Where both
+    sides ran with several seeds, the comparison is of their means, and it is within noise when
+    the two ranges over the seeds overlap.
     """
     out = []
 
-    def check(name, metric, ours, theirs, lower_is_better, against, rows=None):
+    def check(name, metric, ours, theirs, lower_is_better, against, rows=None, key=None):
         ok = None if ours is None or theirs is None else (ours < theirs if lower_is_better else ours > theirs)
         entry = {"target": name, "metric": metric, "ours": ours, "reference": theirs, "against": against,
                  "result": "n/a" if ok is None else "pass" if ok else "miss"}
-        ses = [_acc_se(r) for r in rows or ()]
+        ses = [_acc_se(r) for r in rows or ()] if key == "acc" else []
         if ok is not None and ses and None not in ses:  # accuracy: is the gap more than two standard errors?
             entry["noise"] = 2 * sum(se**2 for se in ses) ** 0.5
             entry["within_noise"] = abs(ours - theirs) < entry["noise"]
+        spreads = [_per_seed(r, key) for r in rows or ()] if key else []
+        if ok is not None and spreads and all(len(v) > 1 for v in spreads):  # several seeds a side: do they overlap?
+            entry["seed_ranges"] = [[min(v), max(v)] for v in spreads]
+            overlap = max(lo for lo, _ in entry["seed_ranges"]) <= min(hi for _, hi in entry["seed_ranges"])
+            entry["within_noise"] = entry.get("within_noise", False) or overlap
         out.append(entry)
 
     for recovery in ("none", "lora"):
         suffix = "" if recovery == "none" else ", both with LoRA recovery"
         t = _row(results, "taylor", 0.5, recovery)
         h = _row(results, "hywia", 0.5, recovery)
-        check(f"HyWIA beats Taylor at 50%{suffix}", "zero-shot avg (%)", _acc(h), _acc(t), False, "taylor", (h, t))
+        check(f"HyWIA beats Taylor at 50%{suffix}", "zero-shot avg (%)", _acc(h), _acc(t), False, "taylor", (h, t), "acc")
         lp = _row(results, "loraprune", 0.5, recovery)
         for key, label in (("wikitext2@128", "WikiText-2 PPL"), ("ptb@128", "PTB PPL")):
-            check(f"LoRAPrune beats Taylor at 50%{suffix}", label, _ppl(lp, key), _ppl(t, key), True, "taylor")
+            check(f"LoRAPrune beats Taylor at 50%{suffix}", label, _ppl(lp, key), _ppl(t, key), True, "taylor", (lp, t), key)
     b, t = _row(results, "bernoulli", 0.5, "none"), _row(results, "taylor", 0.5, "none")
-    check("Bernoulli beats Taylor at 50%, without fine-tuning", "WikiText-2 PPL", _ppl(b, "wikitext2@128"), _ppl(t, "wikitext2@128"), True, "taylor")
+    check("Bernoulli beats Taylor at 50%, without fine-tuning", "WikiText-2 PPL", _ppl(b, "wikitext2@128"),
+          _ppl(t, "wikitext2@128"), True, "taylor", (b, t), "wikitext2@128")
     dense_ft = _row(results, "dense", None, "lora")
     for ratio in (0.2, 0.5):
         pat = _row(results, "pat", ratio, "none")
         check(f"PAT at {ratio:.0%} beats the dense model's LoRA fine-tuning (same budget)", "zero-shot avg (%)",
-              _acc(pat), _acc(dense_ft), False, "dense + LoRA", (pat, dense_ft))
+              _acc(pat), _acc(dense_ft), False, "dense + LoRA", (pat, dense_ft), "acc")
     dense = _ppl(_row(results, "dense", None, "none"), "wikitext2@128")
     best = min(((v, res["method"]) for res in results if abs(res.get("ratio", 0) - 0.2) < 1e-9
                 for v in [_ppl(next((r for r in res.get("rows", []) if r["recovery"] == "lora"), None), "wikitext2@128")]
@@ -405,6 +512,10 @@ def targets(results: list[dict]) -> list[dict]:
         value, method = best
         target.update(ours=value, reference=1.15 * dense, against=f"1.15 x dense ({dense:.2f})",
                       result="pass" if value <= 1.15 * dense else "miss", method=method)
+        seeds = _per_seed(_row(results, method, 0.2, "lora"), "wikitext2@128")
+        if len(seeds) > 1:  # the bar inside the best method's range over its seeds: a pass or miss by chance
+            target["seed_ranges"] = [[min(seeds), max(seeds)]]
+            target["within_noise"] = min(seeds) <= 1.15 * dense <= max(seeds)
     out.append(target)
     return out
 
@@ -412,7 +523,10 @@ def targets(results: list[dict]) -> list[dict]:
 def _noise_text(c: dict) -> str:
     if "within_noise" not in c:
         return ""
-    return f" (within noise: ±{c['noise']:.1f})" if c["within_noise"] else f" (beyond noise: ±{c['noise']:.1f})"
+    basis = [f"±{c['noise']:.1f}"] if "noise" in c else []
+    if "seed_ranges" in c:
+        basis.append("seeds " + " vs ".join(f"{fmt(lo)}–{fmt(hi)}" for lo, hi in c["seed_ranges"]))
+    return f" ({'within' if c['within_noise'] else 'beyond'} noise: {'; '.join(basis)})"
 
 
 def targets_table(checks: list[dict]) -> str:
@@ -496,12 +610,13 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
 
     caps = meta["caps"]
     long_len = meta["long_len"]
+    runs, results = results, merge_seeds(results)  # the JSON keeps every seed's case
     png = plot_widths(results, out_md.with_name(out_md.stem + "_widths.png"))
     lines = [
         "# Quality: pruning methods on " + meta["model_name"],
         "",
         f"Written by `{meta['command']}` on {meta['date']} ({meta['machine']}; the cases ran at commit "
-        f"{', '.join(sorted({r['commit'] for r in results if r.get('commit')})) or meta['commit']}; cached cases are reused, see the module docstring).",
+        f"{', '.join(sorted({r['commit'] for r in runs if r.get('commit')})) or meta['commit']}; cached cases are reused, see the module docstring).",
         "Do not edit by hand: re-run the command.",
         "",
         "**Caps of this run** (numbers are only comparable between runs with the same caps): "
@@ -527,6 +642,7 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
         table(results, long_len),
         "",
         *noise_note(caps),
+        *seeds_table(results),
     ]
     checks = targets(results)
     meta = {**meta, "targets": checks}
@@ -536,18 +652,22 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
     if whole is not None:
         meta["whole_split_target"] = whole
         lines += whole_split_text(whole)
-    missing = [r["case"] for r in results if r.get("missing")]
+    seeded = seeds_check(out_md)
+    if seeded is not None:
+        meta["seeds_targets"] = seeded
+        lines += seeds_text(seeded)
+    missing = [r["method"] for r in runs if r.get("missing")]
     if missing:
-        lines += [f"Missing (method not registered when this ran): {', '.join(sorted({m.split(':')[0] for m in missing}))}.", ""]
-    failed = [r for r in results if r.get("error")]
+        lines += [f"Missing (method not registered when this ran): {', '.join(sorted(set(missing)))}.", ""]
+    failed = [r for r in runs if r.get("error")]
     for r in failed:
         lines += [f"Failed: `{r['case']}`:", "", "```", r["error"], "```", ""]
     if png is not None:
         lines += ["## Kept width per layer", "", f"![kept width per layer per method]({png.name})", ""]
     atomic_write_text(out_md, "\n".join(lines))
-    atomic_write_text(out_json, json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+    atomic_write_text(out_json, json.dumps({"meta": meta, "results": runs}, indent=1, default=str))
     if out_md.resolve() == MAIN_REPORT.resolve():
-        update_readme(meta, results, checks, whole)
+        update_readme(meta, results, checks, whole, seeded)
 
 
 WHOLE_SPLIT = REPO / "docs" / "whole_split"
@@ -584,10 +704,34 @@ def whole_split_text(c: dict) -> list[str]:
                       for t in c.get("calibration", []) if t != CALIBRATION_TEXT), ""]
 
 
+SEEDS_RUN = REPO / "docs" / "seeds"
+
+
+def seeds_check(out_md: Path) -> dict | None:
+    """The targets as checked by the several-seed run (``docs/seeds``), when the main report is
+    written and that run exists: the ones it could check, with each side's range over the seeds."""
+    path = SEEDS_RUN / "quality.json"
+    if out_md.resolve() != MAIN_REPORT.resolve() or not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    checks = [c for c in data["meta"].get("targets", []) if c["result"] != "n/a"]
+    if not checks:
+        return None
+    return {"command": data["meta"]["command"], "date": data["meta"]["date"], "seeds": data["meta"].get("seeds", [0]),
+            "targets": checks}
+
+
+def seeds_text(run: dict) -> list[str]:
+    return [f"**The targets over {len(run['seeds'])} seeds** ([`seeds/results.md`](seeds/results.md), `{run['command']}`, "
+            f"{run['date']}; the same caps, seed 0 is this table's case): the comparison is of the means; *within noise* "
+            "where the two methods' ranges over the seeds overlap.", "", targets_table(run["targets"]), ""]
+
+
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: dict | None = None) -> None:
+def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: dict | None = None,
+                  seeded: dict | None = None) -> None:
     """The README's results section: a short table (both ratios, with and without recovery) and the targets."""
     from graphprune.plan import atomic_write_text
 
@@ -599,7 +743,7 @@ def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: di
     rows = ["| " + " | ".join(head) + " |", "|---|---|---|---:|---:|---:|---:|"]
     for res in results:
         for row in res.get("rows", []):
-            label = res["case"].split(":")[0]
+            label = res["method"] + (f" ({len(res['seeds'])} seeds)" if len(res.get("seeds", ())) > 1 else "")
             rows.append(f"| {label} | {'–' if label == 'dense' else format(res['ratio'], '.0%')} | {row['recovery']} | "
                         f"{res['params'] / 1e6:.1f} M | {fmt(_ppl(row, 'wikitext2@128'))} | {fmt(_ppl(row, 'ptb@128'))} | "
                         f"{fmt(_acc(row), 1)} |")
@@ -610,7 +754,10 @@ def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: di
             *rows, "",
             f"Targets of the quality issue: {passed} of {len(checks)} met on this table — see `docs/results.md`."
             + (f" The 20% target on the whole WikiText-2 test split: {fmt(whole['ours'])} ({whole['method']}) vs "
-               f"{fmt(whole['reference'])}, **{whole['result']}** (`docs/whole_split/`)." if whole else ""), "",
+               f"{fmt(whole['reference'])}, **{whole['result']}** (`docs/whole_split/`)." if whole else "")
+            + (f" Over {len(seeded['seeds'])} seeds (`docs/seeds/`): "
+               f"{sum(c['result'] == 'pass' for c in seeded['targets'])} of the {len(seeded['targets'])} it checks met, "
+               f"{sum(bool(c.get('within_noise')) for c in seeded['targets'])} of them within noise." if seeded else ""), "",
             README_END]
     start, end = text.index(README_START), text.index(README_END) + len(README_END)
     atomic_write_text(readme, text[:start] + "\n".join(body) + text[end:])
@@ -640,6 +787,9 @@ def main() -> None:
     parser.add_argument("--protect-layers", help='FIRST,LAST blocks the uniform-allocation methods leave whole (default "4,2"; "" = none)')
     parser.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--method-config", type=json.loads, default={}, help='JSON {method: {option: value}}')
+    parser.add_argument("--seeds", default="0", help="comma list: each pruned case runs once per seed (calibration windows, "
+                        "the method's and the recovery's random choices); the table shows means, the targets their "
+                        "spread (default 0; the dense model runs once)")
     parser.add_argument("--jobs", type=int, default=1, help="cases run at once (each gets cores / jobs threads)")
     parser.add_argument("--fresh", action="store_true", help="run every case again, ignoring finished ones in the cache")
     parser.add_argument("--out-dir", help="where results.md/quality.json go (default: docs/; /tmp/graphprune-quality with --quick)")
@@ -685,7 +835,13 @@ def main() -> None:
     available = set(graphprune.available_passes())
     methods = [m for m in args.methods.split(",") if m]
     ratios = [float(r) for r in args.ratios.split(",") if r]
-    cases = ["dense"] + [f"{m}:{r}" for m in methods for r in ratios]
+    try:
+        seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
+    except ValueError:
+        sys.exit(f"quality.py: --seeds takes a comma list of integers, got {args.seeds!r}")
+    if not seeds or min(seeds) < 0:
+        sys.exit(f"quality.py: --seeds takes a comma list of integers >= 0, got {args.seeds!r}")
+    cases = ["dense"] + [case_name(m, r, s) for m in methods for r in ratios for s in seeds]
     out_dir = Path(args.out_dir) if args.out_dir else (Path("/tmp/graphprune-quality") if args.quick else REPO / "docs")
     config = json.loads((Path(args.model) / "config.json").read_text()) if (Path(args.model) / "config.json").exists() else {}
     limit = config.get("max_position_embeddings")
@@ -702,15 +858,15 @@ def main() -> None:
         "model_name": Path(args.model).name,
         "caps": asdict(caps),
         "method_config": args.method_config,
+        "seeds": seeds,
         "long_len": long_len,
         "available_passes": sorted(available),
     }
     results: dict[str, dict] = {}
 
     def record(case: str, res: dict) -> None:
-        method = case.split(":")[0]
-        res.setdefault("method", method)
-        res.setdefault("ratio", float(case.split(":")[1]) if ":" in case else 0.0)
+        method, ratio, seed = parse_case(case)
+        res.update(case=case, method=res.get("method", method), ratio=res.get("ratio", ratio), seed=res.get("seed", seed))
         results[case] = res
         if res.get("missing"):
             print(f"{case:18s} missing (not registered)", flush=True)
@@ -721,13 +877,12 @@ def main() -> None:
                                 f"avg {fmt(_acc(row), 1)}" for row in res["rows"])
             print(f"{case:18s} {res.get('wall_seconds', 0):.0f}s{' (cached)' if res.get('cached') else ''}  "
                   f"params {res['params']:,}  {summary}", flush=True)
-        ordered = [results.get(c) or {"case": c, "method": c.split(":")[0], "ratio": float(c.split(":")[1]) if ":" in c else 0.0,
-                                      "pending": True} for c in cases]
+        ordered = [results.get(c) or dict(zip(("method", "ratio", "seed"), parse_case(c)), case=c, pending=True) for c in cases]
         write_report(meta, ordered, out_dir / "results.md", out_dir / "quality.json")
 
     todo = []
     for case in cases:
-        method = case.split(":")[0]
+        method = parse_case(case)[0]
         cached = cache_path(case, args.model, asdict(caps), args.method_config)
         if method != "dense" and method not in available:
             record(case, {"case": case, "missing": True})

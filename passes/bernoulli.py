@@ -121,7 +121,7 @@ class Bernoulli(ScoringPass):
         batch_size: int = 4
         objective: str = "lm"  # "lm" (next-token loss) or "kl" (from the dense model's predictions)
         keep: float | None = None  # kept fraction per kind; default: from the target ratio
-        seed: int = 0
+        seed: int | None = None  # of the mask samples; None: compile's seed (which also draws the calibration)
         on_done: Callable | None = None  # called with the SearchRecord (benchmarks)
 
     def __init__(self, config=None, **overrides):
@@ -183,7 +183,7 @@ class Bernoulli(ScoringPass):
         reset_peak_memory(device)
         grad_seen = []
         hook = masked.module.register_forward_pre_hook(lambda *_: grad_seen.append(torch.is_grad_enabled()))
-        gen = torch.Generator().manual_seed(c.seed)
+        gen = torch.Generator().manual_seed(ctx.seed if c.seed is None else c.seed)
         batches = [ids for ids in calib.batches(c.batch_size)]
         window: deque = deque(maxlen=c.baseline_window)
         losses, t0 = [], time.perf_counter()

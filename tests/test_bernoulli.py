@@ -117,3 +117,20 @@ def test_bad_options_fail_clearly():
         Bernoulli(gradient="nope")
     with pytest.raises(graphprune.GraphpruneError, match="samples"):
         Bernoulli(samples=1)
+
+
+
+def test_mask_samples_follow_compiles_seed_unless_the_pass_has_its_own(one_thread):
+    """compile(seed=...) governs every random choice of a run (the quality benchmark's seeds rely on it)."""
+    model, ids = planted_model(), _ids()
+
+    def losses(seed, own_seed=None):
+        records = []
+        method = Bernoulli(init=None, steps=3, seed=own_seed, on_done=records.append)
+        graphprune.compile(model, ratio=0.2, method=method, kinds=("channels",), calib=ids, seed=seed,
+                           example_kwargs={"input_ids": ids[:2]}, progress=False)
+        return records[0].losses
+
+    assert losses(0) == losses(0)
+    assert losses(0) != losses(1)
+    assert losses(1, own_seed=0) == losses(0)  # the same token ids: only the mask samples differ

@@ -40,19 +40,23 @@ def test_pat_trains_at_the_recovery_budget_and_keeps_its_own_kinds():
 def test_quick_run_writes_rows_for_every_case(tmp_path, stories_dir):
     out = tmp_path / "q"
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--quick", "--model", str(stories_dir),
-                           "--methods", "taylor,pat", "--ratios", "0.5", "--fresh", "--out-dir", str(out)],
+                           "--methods", "taylor,pat", "--ratios", "0.5", "--seeds", "0,1", "--fresh", "--out-dir", str(out)],
                           capture_output=True, text=True, timeout=900,
                           env={**os.environ, "GRAPHPRUNE_QUALITY_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = {r["case"]: r for r in json.loads((out / "quality.json").read_text())["results"]}
-    assert set(results) == {"dense", "taylor:0.5", "pat:0.5"}
+    assert set(results) == {"dense", "taylor:0.5", "pat:0.5", "taylor:0.5:seed1", "pat:0.5:seed1"}
     assert results["taylor:0.5"]["config"] == {"kinds": ["channels"], "protect_layers": [1, 1]}
     for case in results.values():
         assert [row["recovery"] for row in case["rows"]] == ["none", "lora"], case.get("error")
     taylor = results["taylor:0.5"]["rows"]
     assert taylor[1]["ppl"]["wikitext2@128"]["ppl"] < taylor[0]["ppl"]["wikitext2@128"]["ppl"]  # recovery helps
-    assert "Recipe" in (out / "results.md").read_text()
-    assert len(list((tmp_path / "cache").glob("*.json"))) == 3  # each finished case is kept for a resumed run
+    # another seed: other calibration windows, so another model
+    other = results["taylor:0.5:seed1"]["rows"]
+    assert other[0]["ppl"]["wikitext2@128"]["ppl"] != taylor[0]["ppl"]["wikitext2@128"]["ppl"]
+    report = (out / "results.md").read_text()
+    assert "Recipe" in report and "## Seeds" in report and "| seeds |" in report
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 5  # each finished case is kept for a resumed run
 
 
 def _result(method, ratio, acc, n, recovery="none"):
@@ -141,3 +145,64 @@ def test_main_report_quotes_the_whole_split_check(tmp_path, monkeypatch):
     (tmp_path / "quality.json").write_text(json.dumps({"meta": meta, "results": results}))
     assert "calibrated on" not in "\n".join(quality.whole_split_text(quality.whole_split_check(main_report)))
     assert quality.whole_split_check(tmp_path / "results.md") is None  # only the main report quotes it
+
+
+def test_seed_zero_keeps_the_case_name_and_key_other_seeds_get_their_own():
+    assert quality.case_name("taylor", 0.5) == quality.case_name("taylor", 0.5, 0) == "taylor:0.5"
+    assert quality.case_name("taylor", 0.5, 2) == "taylor:0.5:seed2" and quality.case_name("dense") == "dense"
+    assert quality.parse_case("taylor:0.5:seed2") == ("taylor", 0.5, 2)
+    assert quality.parse_case("taylor:0.5") == ("taylor", 0.5, 0) and quality.parse_case("dense") == ("dense", 0.0, 0)
+    caps = {"max_tokens": 4096}
+    keys = {quality.cache_path(quality.case_name("taylor", 0.5, s), "m", caps, {}) for s in (0, 1, 2)}
+    assert len(keys) == 3
+    assert quality.cache_path("taylor:0.5", "m", caps, {}) in keys  # the cases cached before seeds existed
+
+
+def _seeded(method, ratio, seed, ppl, acc):
+    zs = {t: {"score": acc, "n": 50} for t in quality.TASK_LABELS}
+    row = {"recovery": "none", "ppl": {"wikitext2@128": {"ppl": ppl, "tokens": 4096}}, "zeroshot": zs, "zeroshot_average": acc}
+    return {"case": quality.case_name(method, ratio, seed), "method": method, "ratio": ratio, "seed": seed, "params": 8,
+            "score_seconds": 10.0 + seed, "rows": [row]}
+
+
+def test_seeds_are_merged_into_means_and_the_targets_use_their_spread():
+    taylor = [_seeded("taylor", 0.5, s, p, 0.40) for s, p in enumerate((900.0, 1000.0, 1100.0))]
+    close = [_seeded("bernoulli", 0.5, s, p, 0.40) for s, p in enumerate((800.0, 950.0, 1150.0))]
+    merged = quality.merge_seeds(taylor + close + [{**_seeded("hywia", 0.5, 1, 1.0, 0.4), "rows": None, "pending": True}])
+    assert [m["method"] for m in merged] == ["taylor", "bernoulli", "hywia"] and merged[2]["pending"]
+    row = merged[0]["rows"][0]
+    assert row["ppl"]["wikitext2@128"]["ppl"] == pytest.approx(1000.0) and merged[0]["seeds"] == [0, 1, 2]
+    assert row["ppl"]["wikitext2@128"]["per_seed"] == [900.0, 1000.0, 1100.0] and merged[0]["case"] == "taylor:0.5"
+    assert merged[0]["score_seconds"] == pytest.approx(11.0)
+    check = next(c for c in quality.targets(merged) if c["target"].startswith("Bernoulli"))
+    assert check["result"] == "pass" and check["ours"] == pytest.approx(966.67, abs=0.01)  # the means decide
+    assert check["within_noise"] and check["seed_ranges"] == [[800.0, 1150.0], [900.0, 1100.0]]
+    assert "within noise: seeds 800.00–1,150.00 vs 900.00–1,100.00" in quality.targets_table([check])
+    apart = [_seeded("bernoulli", 0.5, s, p, 0.40) for s, p in enumerate((500.0, 550.0, 600.0))]
+    check = next(c for c in quality.targets(quality.merge_seeds(taylor + apart)) if c["target"].startswith("Bernoulli"))
+    assert check["result"] == "pass" and not check["within_noise"]
+    # the table shows means with a seeds column, and each seed's figures below
+    text = quality.table(merged, 1024)
+    assert "| seeds |" in text and "| taylor | 50% | 3 | none | 8 | 1,000.00 |" in text and "| hywia | 50% | 1 | *pending* |" in text
+    seeds = "\n".join(quality.seeds_table(merged))
+    assert "| taylor | 50% | none | 0, 1, 2 | 900.00, 1,000.00, 1,100.00 | – | 40.0, 40.0, 40.0 |" in seeds
+
+
+def test_one_seed_leaves_the_table_as_it_was():
+    results = [_seeded("taylor", 0.5, 0, 900.0, 0.4)]
+    assert quality.merge_seeds(results) == results
+    assert "seeds" not in quality.table(results, 1024) and quality.seeds_table(results) == []
+
+
+def test_main_report_quotes_the_several_seed_run(tmp_path, monkeypatch):
+    taylor = [_seeded("taylor", 0.5, s, p, 0.40) for s, p in enumerate((900.0, 1000.0, 1100.0))]
+    bern = [_seeded("bernoulli", 0.5, s, p, 0.40) for s, p in enumerate((800.0, 950.0, 1150.0))]
+    meta = {"command": "python benchmarks/quality.py --seeds 0,1,2", "date": "d", "seeds": [0, 1, 2],
+            "targets": quality.targets(quality.merge_seeds(taylor + bern))}
+    (tmp_path / "quality.json").write_text(json.dumps({"meta": meta, "results": taylor + bern}))
+    monkeypatch.setattr(quality, "SEEDS_RUN", tmp_path)
+    run = quality.seeds_check(quality.REPO / "docs" / "results.md")
+    assert [c["target"] for c in run["targets"]] == ["Bernoulli beats Taylor at 50%, without fine-tuning"]  # the rest: n/a
+    text = "\n".join(quality.seeds_text(run))
+    assert "over 3 seeds" in text and "**pass** (within noise: seeds 800.00–1,150.00 vs 900.00–1,100.00)" in text
+    assert quality.seeds_check(tmp_path / "results.md") is None  # only the main report quotes it
