@@ -652,7 +652,7 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
     if whole is not None:
         meta["whole_split_target"] = whole
         lines += whole_split_text(whole)
-    seeded = seeds_check(out_md)
+    seeded = seeds_check(out_md, meta)
     if seeded is not None:
         meta["seeds_targets"] = seeded
         lines += seeds_text(seeded)
@@ -707,9 +707,10 @@ def whole_split_text(c: dict) -> list[str]:
 SEEDS_RUN = REPO / "docs" / "seeds"
 
 
-def seeds_check(out_md: Path) -> dict | None:
+def seeds_check(out_md: Path, meta: dict) -> dict | None:
     """The targets as checked by the several-seed run (``docs/seeds``), when the main report is
-    written and that run exists: the ones it could check, with each side's range over the seeds."""
+    written and that run exists: the ones it could check, with each side's range over the seeds,
+    and whether it ran with this report's caps and options (then its seed 0 is this table's case)."""
     path = SEEDS_RUN / "quality.json"
     if out_md.resolve() != MAIN_REPORT.resolve() or not path.exists():
         return None
@@ -717,14 +718,17 @@ def seeds_check(out_md: Path) -> dict | None:
     checks = [c for c in data["meta"].get("targets", []) if c["result"] != "n/a"]
     if not checks:
         return None
+    same = all(data["meta"].get(k) == meta.get(k) for k in ("model", "caps", "method_config"))
     return {"command": data["meta"]["command"], "date": data["meta"]["date"], "seeds": data["meta"].get("seeds", [0]),
-            "targets": checks}
+            "targets": checks, "same_caps": same}
 
 
 def seeds_text(run: dict) -> list[str]:
     return [f"**The targets over {len(run['seeds'])} seeds** ([`seeds/results.md`](seeds/results.md), `{run['command']}`, "
-            f"{run['date']}; the same caps, seed 0 is this table's case): the comparison is of the means; *within noise* "
-            "where the two methods' ranges over the seeds overlap.", "", targets_table(run["targets"]), ""]
+            f"{run['date']}; " + ("the same model, caps and options as this table, whose cases are its seed 0"
+                                  if run["same_caps"] else "**not the model, caps or options of this table**: see its report")
+            + "): the comparison is of the means, *within noise* where the two methods' ranges over the seeds overlap.",
+            "", targets_table(run["targets"]), ""]
 
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"

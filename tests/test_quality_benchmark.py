@@ -197,12 +197,17 @@ def test_one_seed_leaves_the_table_as_it_was():
 def test_main_report_quotes_the_several_seed_run(tmp_path, monkeypatch):
     taylor = [_seeded("taylor", 0.5, s, p, 0.40) for s, p in enumerate((900.0, 1000.0, 1100.0))]
     bern = [_seeded("bernoulli", 0.5, s, p, 0.40) for s, p in enumerate((800.0, 950.0, 1150.0))]
-    meta = {"command": "python benchmarks/quality.py --seeds 0,1,2", "date": "d", "seeds": [0, 1, 2],
+    main = {"model": "m", "caps": {"max_tokens": 4096}, "method_config": {}}
+    meta = {**main, "command": "python benchmarks/quality.py --seeds 0,1,2", "date": "d", "seeds": [0, 1, 2],
             "targets": quality.targets(quality.merge_seeds(taylor + bern))}
     (tmp_path / "quality.json").write_text(json.dumps({"meta": meta, "results": taylor + bern}))
     monkeypatch.setattr(quality, "SEEDS_RUN", tmp_path)
-    run = quality.seeds_check(quality.REPO / "docs" / "results.md")
+    report = quality.REPO / "docs" / "results.md"
+    run = quality.seeds_check(report, main)
     assert [c["target"] for c in run["targets"]] == ["Bernoulli beats Taylor at 50%, without fine-tuning"]  # the rest: n/a
     text = "\n".join(quality.seeds_text(run))
     assert "over 3 seeds" in text and "**pass** (within noise: seeds 800.00–1,150.00 vs 900.00–1,100.00)" in text
-    assert quality.seeds_check(tmp_path / "results.md") is None  # only the main report quotes it
+    assert "whose cases are its seed 0" in text
+    other = quality.seeds_check(report, {**main, "caps": {"max_tokens": 1024}})
+    assert "**not the model, caps or options of this table**" in "\n".join(quality.seeds_text(other))
+    assert quality.seeds_check(tmp_path / "results.md", main) is None  # only the main report quotes it
