@@ -760,8 +760,9 @@ def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: di
             + (f" The 20% target on the whole WikiText-2 test split: {fmt(whole['ours'])} ({whole['method']}) vs "
                f"{fmt(whole['reference'])}, **{whole['result']}** (`docs/whole_split/`)." if whole else "")
             + (f" Over {len(seeded['seeds'])} seeds (`docs/seeds/`): "
-               f"{sum(c['result'] == 'pass' for c in seeded['targets'])} of the {len(seeded['targets'])} it checks met, "
-               f"{sum(bool(c.get('within_noise')) for c in seeded['targets'])} of them within noise." if seeded else ""), "",
+               f"{sum(c['result'] == 'pass' for c in seeded['targets'])} of the {len(seeded['targets'])} targets it checks met; "
+               f"{sum(bool(c.get('within_noise')) for c in seeded['targets'])} of those {len(seeded['targets'])} comparisons "
+               "are within noise." if seeded else ""), "",
             README_END]
     start, end = text.index(README_START), text.index(README_END) + len(README_END)
     atomic_write_text(readme, text[:start] + "\n".join(body) + text[end:])
