@@ -341,7 +341,9 @@ def merge_seeds(results: list[dict]) -> list[dict]:
 def _mean_of_seeds(done: list[dict], cases: int) -> dict:
     first = done[0]
     out = {**first, "case": case_name(first["method"], first["ratio"]), "seeds": [r.get("seed", 0) for r in done],
-           "seed_cases": cases, "score_seconds": _mean([r.get("score_seconds") for r in done])}
+           "seed_cases": cases, "score_seconds": _mean([r.get("score_seconds") for r in done]),
+           # a global ranking may keep a few units more with one sample than another; the plot shows the first seed's widths
+           "params": round(_mean([r["params"] for r in done]))}
     for key in ("peak_cuda_gib_compile", "peak_rss_gib_compile"):
         out[key] = max((r[key] for r in done if r.get(key) is not None), default=None)
     out["rows"] = []

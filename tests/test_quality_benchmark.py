@@ -174,6 +174,8 @@ def test_seeds_are_merged_into_means_and_the_targets_use_their_spread():
     assert row["ppl"]["wikitext2@128"]["ppl"] == pytest.approx(1000.0) and merged[0]["seeds"] == [0, 1, 2]
     assert row["ppl"]["wikitext2@128"]["per_seed"] == [900.0, 1000.0, 1100.0] and merged[0]["case"] == "taylor:0.5"
     assert merged[0]["score_seconds"] == pytest.approx(11.0)
+    assert quality.merge_seeds([_seeded("hywia", 0.5, 0, 1.0, 0.4), {**_seeded("hywia", 0.5, 1, 1.0, 0.4), "params": 12}]
+                               )[0]["params"] == 10  # the mean, when a global ranking kept different counts
     check = next(c for c in quality.targets(merged) if c["target"].startswith("Bernoulli"))
     assert check["result"] == "pass" and check["ours"] == pytest.approx(966.67, abs=0.01)  # the means decide
     assert check["within_noise"] and check["seed_ranges"] == [[800.0, 1150.0], [900.0, 1100.0]]
