@@ -19,9 +19,9 @@ PNG of the kept width per layer per method, plus a JSON file:
     python benchmarks/quality.py --max-tokens 32768 --max-examples 500 --finetune-steps 200
     python benchmarks/quality.py --methods taylor,bernoulli --ratios 0.5 --seeds 0,1,2   # means and spread over 3 seeds
 
-Every cap is recorded in the output and printed next to the table. One calibration sample can
-move a method's perplexity at 50% by 2× without recovery, so a comparison of two methods there
-needs several seeds: with ``--seeds`` each pruned case runs once per seed, the table shows the
+Every cap is recorded in the output and printed next to the table. Which calibration windows a
+method sees moves its perplexity at 50% without recovery by up to 1.4× (HyWIA over three seeds,
+``docs/seeds``), so a comparison of two methods there needs several seeds: with ``--seeds`` each pruned case runs once per seed, the table shows the
 means, and the targets call a difference within noise when the two methods' ranges overlap.
 """
 from __future__ import annotations
@@ -334,7 +334,12 @@ def merge_seeds(results: list[dict]) -> list[dict]:
     merged = []
     for group in groups.values():
         done = [r for r in group if r.get("rows")]
-        merged.append(group[0] if len(group) == 1 or not done else _mean_of_seeds(done, len(group)))
+        if len(group) == 1:
+            merged.append(group[0])
+        elif not done:  # pending or failed: shown once, with how many seeds it has
+            merged.append({**group[0], "seeds": [], "seed_cases": len(group)})
+        else:
+            merged.append(_mean_of_seeds(done, len(group)))
     return merged
 
 
@@ -346,10 +351,10 @@ def _mean_of_seeds(done: list[dict], cases: int) -> dict:
            "params": round(_mean([r["params"] for r in done]))}
     for key in ("peak_cuda_gib_compile", "peak_rss_gib_compile"):
         out[key] = max((r[key] for r in done if r.get(key) is not None), default=None)
+    by_recovery = [{x["recovery"]: x for x in r["rows"]} for r in done]
     out["rows"] = []
     for row in first["rows"]:
-        same = [next(x for x in r["rows"] if x["recovery"] == row["recovery"]) for r in done
-                if any(x["recovery"] == row["recovery"] for x in r["rows"])]
+        same = [rows[row["recovery"]] for rows in by_recovery if row["recovery"] in rows]
         ppl = {}
         for key, value in row["ppl"].items():
             values = [x["ppl"][key]["ppl"] for x in same if key in x["ppl"]]
@@ -676,14 +681,21 @@ WHOLE_SPLIT = REPO / "docs" / "whole_split"
 TWENTY = "best method at 20% with recovery within 15% of dense"
 
 
+def quoted_run(out_md: Path, folder: Path) -> dict | None:
+    """The JSON of another run that the main report quotes (only the main report, only when that run exists)."""
+    path = folder / "quality.json"
+    if out_md.resolve() != MAIN_REPORT.resolve() or not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
 def whole_split_check(out_md: Path) -> dict | None:
     """The 20% target as checked by the whole-split run (``docs/whole_split``), when the main
     report is written and that run exists: a perplexity ratio measured on a few thousand tokens
     depends on which tokens, so the target is also checked where the protocol has no cap."""
-    path = WHOLE_SPLIT / "quality.json"
-    if out_md.resolve() != MAIN_REPORT.resolve() or not path.exists():
+    data = quoted_run(out_md, WHOLE_SPLIT)
+    if data is None:
         return None
-    data = json.loads(path.read_text())
     check = next((c for c in data["meta"].get("targets", []) if c["target"] == TWENTY), None)
     if check is None or check["result"] == "n/a":
         return None
@@ -713,10 +725,9 @@ def seeds_check(out_md: Path, meta: dict) -> dict | None:
     """The targets as checked by the several-seed run (``docs/seeds``), when the main report is
     written and that run exists: the ones it could check, with each side's range over the seeds,
     and whether it ran with this report's caps and options (then its seed 0 is this table's case)."""
-    path = SEEDS_RUN / "quality.json"
-    if out_md.resolve() != MAIN_REPORT.resolve() or not path.exists():
+    data = quoted_run(out_md, SEEDS_RUN)
+    if data is None:
         return None
-    data = json.loads(path.read_text())
     checks = [c for c in data["meta"].get("targets", []) if c["result"] != "n/a"]
     if not checks:
         return None

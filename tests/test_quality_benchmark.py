@@ -186,6 +186,8 @@ def test_seeds_are_merged_into_means_and_the_targets_use_their_spread():
     # the table shows means with a seeds column, and each seed's figures below
     text = quality.table(merged, 1024)
     assert "| seeds |" in text and "| taylor | 50% | 3 | none | 8 | 1,000.00 |" in text and "| hywia | 50% | 1 | *pending* |" in text
+    waiting = [{**_seeded("hywia", 0.5, s, 1.0, 0.4), "rows": None, "pending": True} for s in (0, 1, 2)]
+    assert "| hywia | 50% | 0 of 3 | *pending* |" in quality.table(quality.merge_seeds(waiting), 1024)
     seeds = "\n".join(quality.seeds_table(merged))
     assert "| taylor | 50% | none | 0, 1, 2 | 900.00, 1,000.00, 1,100.00 | – | 40.0, 40.0, 40.0 |" in seeds
 
