@@ -18,6 +18,7 @@ PNG of the kept width per layer per method, plus a JSON file:
     python benchmarks/quality.py --quick --model ../shared/data/models/stories260K   # smoke test (/tmp)
     python benchmarks/quality.py --max-tokens 32768 --max-examples 500 --finetune-steps 200
     python benchmarks/quality.py --methods taylor,bernoulli --ratios 0.5 --seeds 0,1,2   # means and spread over 3 seeds
+    python benchmarks/quality.py --methods taylor,pat:0.2 --ratios 0.5 --seeds 0,1,2    # PAT at 20% only
 
 Every cap is recorded in the output and printed next to the table. Which calibration windows a
 method sees moves its perplexity at 50% without recovery by up to 1.4× (HyWIA over three seeds,
@@ -215,6 +216,19 @@ def case_name(method: str, ratio: float | None = None, seed: int = 0) -> str:
     if method == "dense":
         return method
     return f"{method}:{ratio}" + (f":seed{seed}" if seed else "")
+
+
+def method_ratios(methods: str, ratios: list[float]) -> list[tuple[str, float]]:
+    """``--methods taylor,pat:0.2``: a bare method runs at every ``--ratios`` value, ``method:ratio``
+    at that ratio only (so one report can hold PAT's 20% seeds next to the others' 50% ones)."""
+    pairs = []
+    for entry in filter(None, (m.strip() for m in methods.split(","))):
+        method, _, ratio = entry.partition(":")
+        try:
+            pairs += [(method, float(ratio))] if ratio else [(method, r) for r in ratios]
+        except ValueError:
+            sys.exit(f"quality.py: --methods takes METHOD or METHOD:RATIO entries, got {entry!r}")
+    return list(dict.fromkeys(pairs))
 
 
 def parse_case(case: str) -> tuple[str, float, int]:
@@ -784,7 +798,8 @@ def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: di
 def main() -> None:
     parser = argparse.ArgumentParser(description="Quality benchmark of graphprune's pruning methods (see the module docstring).")
     parser.add_argument("--model", default=str(SMOLLM2), help="HF folder or .gguf (default: SmolLM2-135M-Instruct Q4_1)")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma list; METHOD:RATIO runs that method at that ratio only instead of every --ratios value")
     parser.add_argument("--ratios", default=",".join(str(r) for r in RATIOS))
     parser.add_argument("--quick", action="store_true", help="tiny caps for a smoke test: " + json.dumps(QUICK))
     parser.add_argument("--max-tokens", type=int, help="perplexity: first N tokens of each split (0: the whole split)")
@@ -851,15 +866,14 @@ def main() -> None:
     from graphprune.evaluate.perplexity import LONG_CONTEXT
 
     available = set(graphprune.available_passes())
-    methods = [m for m in args.methods.split(",") if m]
-    ratios = [float(r) for r in args.ratios.split(",") if r]
+    pairs = method_ratios(args.methods, [float(r) for r in args.ratios.split(",") if r])
     try:
         seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
     except ValueError:
         sys.exit(f"quality.py: --seeds takes a comma list of integers, got {args.seeds!r}")
     if not seeds or min(seeds) < 0:
         sys.exit(f"quality.py: --seeds takes a comma list of integers >= 0, got {args.seeds!r}")
-    cases = ["dense"] + [case_name(m, r, s) for m in methods for r in ratios for s in seeds]
+    cases = ["dense"] + [case_name(m, r, s) for m, r in pairs for s in seeds]
     out_dir = Path(args.out_dir) if args.out_dir else (Path("/tmp/graphprune-quality") if args.quick else REPO / "docs")
     config = json.loads((Path(args.model) / "config.json").read_text()) if (Path(args.model) / "config.json").exists() else {}
     limit = config.get("max_position_embeddings")

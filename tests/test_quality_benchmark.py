@@ -158,6 +158,16 @@ def test_seed_zero_keeps_the_case_name_and_key_other_seeds_get_their_own():
     assert quality.cache_path("taylor:0.5", "m", caps, {}) in keys  # the cases cached before seeds existed
 
 
+def test_a_method_entry_may_name_its_own_ratio():
+    assert quality.method_ratios("taylor,pat:0.2", [0.5]) == [("taylor", 0.5), ("pat", 0.2)]
+    assert quality.method_ratios("pat:0.2,pat:0.5,taylor", [0.2, 0.5]) == [("pat", 0.2), ("pat", 0.5), ("taylor", 0.2),
+                                                                           ("taylor", 0.5)]
+    assert quality.method_ratios("taylor,taylor:0.5", [0.5]) == [("taylor", 0.5)]  # no case twice
+    assert quality.case_name(*quality.method_ratios("pat:0.20", [])[0]) == "pat:0.2"  # the cached case's name
+    with pytest.raises(SystemExit, match="METHOD:RATIO"):
+        quality.method_ratios("pat:half", [0.5])
+
+
 def _seeded(method, ratio, seed, ppl, acc):
     zs = {t: {"score": acc, "n": 50} for t in quality.TASK_LABELS}
     row = {"recovery": "none", "ppl": {"wikitext2@128": {"ppl": ppl, "tokens": 4096}}, "zeroshot": zs, "zeroshot_average": acc}
