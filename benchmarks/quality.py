@@ -58,6 +58,7 @@ TASK_LABELS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaS.", "winogr
 PERPLEXITIES = ("wikitext2@128", "ptb@128", "wikitext2@long", "ptb@long")
 ALL_PERPLEXITIES = ",".join(PERPLEXITIES)
 MAIN_REPORT = REPO / "docs" / "results.md"
+TWENTY = "best method at 20% with recovery within 15% of dense"
 
 
 @dataclass
@@ -527,7 +528,7 @@ def targets(results: list[dict]) -> list[dict]:
     best = min(((v, res["method"]) for res in results if abs(res.get("ratio", 0) - 0.2) < 1e-9
                 for v in [_ppl(next((r for r in res.get("rows", []) if r["recovery"] == "lora"), None), "wikitext2@128")]
                 if v is not None), default=None)
-    target = {"target": "best method at 20% with recovery within 15% of dense", "metric": "WikiText-2 PPL",
+    target = {"target": TWENTY, "metric": "WikiText-2 PPL",
               "ours": None, "reference": None, "against": "1.15 x dense", "result": "n/a"}
     if best is not None and dense is not None:
         value, method = best
@@ -539,6 +540,22 @@ def targets(results: list[dict]) -> list[dict]:
             target["within_noise"] = min(seeds) <= 1.15 * dense <= max(seeds)
     out.append(target)
     return out
+
+
+# LLM-Pruner's LLaMA-7B rows (128-token WikiText-2 PPL; ../shared/METHODS.md): dense, 20% with LoRA recovery
+LLM_PRUNER_7B = {"dense": 12.62, "0.2 lora": 17.37}
+
+
+def twenty_note(checks: list[dict]) -> list[str]:
+    """The 20% target's bar next to where the baseline paper's own 20% row stands against its dense model."""
+    c = next((c for c in checks if c["target"] == TWENTY and c["ours"] is not None), None)
+    if c is None:
+        return []
+    ref = LLM_PRUNER_7B["0.2 lora"] / LLM_PRUNER_7B["dense"]
+    return [f"For scale, the 20% target's bar is 1.15 × dense; here the best 20% row with recovery is "
+            f"{c['ours'] / (c['reference'] / 1.15):.2f} × dense ({c['method']}). LLM-Pruner's own 20% row on LLaMA-7B, after its "
+            f"LoRA recovery, is {ref:.2f} × its dense model ({LLM_PRUNER_7B['0.2 lora']} vs {LLM_PRUNER_7B['dense']}, "
+            "WikiText-2, 128-token windows), on a model 50 times larger, which has more redundancy to remove.", ""]
 
 
 def _noise_text(c: dict) -> str:
@@ -668,7 +685,7 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
     checks = targets(results)
     meta = {**meta, "targets": checks}
     lines += ["## Targets", "", "The quality issue's targets, checked on the table above (computed by the benchmark, "
-              "not by hand):", "", targets_table(checks), ""]
+              "not by hand):", "", targets_table(checks), "", *twenty_note(checks)]
     whole = whole_split_check(out_md)
     if whole is not None:
         meta["whole_split_target"] = whole
@@ -692,7 +709,6 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
 
 
 WHOLE_SPLIT = REPO / "docs" / "whole_split"
-TWENTY = "best method at 20% with recovery within 15% of dense"
 
 
 def quoted_run(out_md: Path, folder: Path) -> dict | None:

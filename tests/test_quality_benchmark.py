@@ -145,6 +145,9 @@ def test_main_report_quotes_the_whole_split_check(tmp_path, monkeypatch):
     (tmp_path / "quality.json").write_text(json.dumps({"meta": meta, "results": results}))
     assert "calibrated on" not in "\n".join(quality.whole_split_text(quality.whole_split_check(main_report)))
     assert quality.whole_split_check(tmp_path / "results.md") is None  # only the main report quotes it
+    note = "\n".join(quality.twenty_note(meta["targets"]))
+    assert "1.20 × dense (taylor)" in note and "1.38 × its dense model" in note  # 60 / 50; 17.37 / 12.62
+    assert quality.twenty_note(quality.targets(results[:1])) == []  # no 20% row: nothing to put in scale
 
 
 def test_seed_zero_keeps_the_case_name_and_key_other_seeds_get_their_own():
