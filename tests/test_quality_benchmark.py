@@ -132,19 +132,21 @@ def test_main_report_quotes_the_whole_split_check(tmp_path, monkeypatch):
     tuned = {**dense, "recovery": "lora", "ppl": {"wikitext2@128": {"ppl": 60.0, "tokens": 280000}}}
     results = [{"case": "dense", "method": "dense", "ratio": 0.0, "rows": [dense]},
                {"case": "taylor:0.2", "method": "taylor", "ratio": 0.2, "rows": [dense, tuned]}]
-    meta = {"command": "python benchmarks/quality.py --max-tokens 0", "date": "d", "targets": quality.targets(results)}
+    meta = {"command": "python benchmarks/quality.py --max-tokens 0", "date": "d", "targets": quality.targets(results),
+            "caps": {"finetune_steps": 80, "finetune_batch": 4}}
     (tmp_path / "quality.json").write_text(json.dumps({"meta": meta, "results": results}))
-    monkeypatch.setattr(quality, "WHOLE_SPLIT", tmp_path)
+    monkeypatch.setattr(quality, "WHOLE_SPLIT_RUNS", (tmp_path, tmp_path / "absent"))
     main_report = quality.REPO / "docs" / "results.md"
-    check = quality.whole_split_check(main_report)
+    [check] = quality.whole_split_checks(main_report)  # a folder without a run is left out
     assert check["result"] == "miss" and check["ours"] == 60.0 and check["reference"] == pytest.approx(57.5)
-    assert check["methods"] == ["taylor"] and check["tokens"] == 280000
+    assert check["methods"] == ["taylor"] and check["tokens"] == 280000 and check["recovery"] == "80 steps × 4 sequences"
     text = "\n".join(quality.whole_split_text(check))
     assert "**miss**" in text and "calibrated on WikiText-2 train with its `<unk>` markers" in text  # recorded no calibration
+    assert f"[`{tmp_path.name}/results.md`]({tmp_path.name}/results.md)" in text and "recovery 80 steps" in text
     results[1]["calibration"] = quality.CALIBRATION_TEXT
     (tmp_path / "quality.json").write_text(json.dumps({"meta": meta, "results": results}))
-    assert "calibrated on" not in "\n".join(quality.whole_split_text(quality.whole_split_check(main_report)))
-    assert quality.whole_split_check(tmp_path / "results.md") is None  # only the main report quotes it
+    assert "calibrated on" not in "\n".join(quality.whole_split_text(quality.whole_split_check(main_report, tmp_path)))
+    assert quality.whole_split_checks(tmp_path / "results.md") == []  # only the main report quotes it
     note = "\n".join(quality.twenty_note(meta["targets"]))
     assert "1.20 × dense (taylor)" in note and "1.38 × its dense model" in note  # 60 / 50; 17.37 / 12.62
     assert quality.twenty_note(quality.targets(results[:1])) == []  # no 20% row: nothing to put in scale
