@@ -24,6 +24,7 @@ Every cap is recorded in the output and printed next to the table. Which calibra
 method sees moves its perplexity at 50% without recovery by up to 1.4× (HyWIA over three seeds,
 ``docs/seeds``), so a comparison of two methods there needs several seeds: with ``--seeds`` each pruned case runs once per seed, the table shows the
 means, and the targets call a difference within noise when the two methods' ranges overlap.
+The targets themselves (which rows each compares, and when a gap is noise) are in ``_quality_targets.py``.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from _memory import lifetime_peak_rss_mib
+from _quality_targets import TWENTY, _acc, _ppl, fmt, targets, targets_table, twenty_note
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -58,7 +60,6 @@ TASK_LABELS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaS.", "winogr
 PERPLEXITIES = ("wikitext2@128", "ptb@128", "wikitext2@long", "ptb@long")
 ALL_PERPLEXITIES = ",".join(PERPLEXITIES)
 MAIN_REPORT = REPO / "docs" / "results.md"
-TWENTY = "best method at 20% with recovery within 15% of dense"
 
 
 @dataclass
@@ -388,14 +389,6 @@ def _seeds_label(res: dict) -> str:
     return f"{n}" + (f" of {res['seed_cases']}" if res.get("seed_cases", n) != n else "")
 
 
-def fmt(x, digits=2) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:,.{digits}f}" if abs(x) < 1e4 else f"{x:,.0f}"
-    return f"{x:,}" if isinstance(x, int) else str(x)
-
-
 def table(results: list[dict], long_len: int) -> str:
     """One line per (method, ratio, recovery); with several seeds, the means (a *seeds* column says over how many)."""
     seeded = any(len(res.get("seeds", ())) > 1 or res.get("seed_cases", 1) > 1 for res in results)
@@ -445,135 +438,6 @@ def seeds_table(results: list[dict]) -> list[str]:
             "dense model runs once (seed 0). The table above shows the means; each seed's figures:", "",
             "| method | ratio | recovery | seeds | Wiki2@128 | PTB@128 | 0-shot avg % |", "|---|---|---|---|---|---|---|",
             *lines, ""]
-
-
-# ================================================================ the issue's targets, checked on the table
-def _row(results: list[dict], method: str, ratio: float | None, recovery: str) -> dict | None:
-    for res in results:
-        if res.get("method") == method and (ratio is None or abs(res.get("ratio", 0) - ratio) < 1e-9) and res.get("rows"):
-            return next((row for row in res["rows"] if row["recovery"] == recovery), None)
-    return None
-
-
-def _ppl(row: dict | None, key: str) -> float | None:
-    return row["ppl"][key]["ppl"] if row and key in row["ppl"] else None
-
-
-def _acc(row: dict | None) -> float | None:
-    return 100 * row["zeroshot_average"] if row and row.get("zeroshot_average") is not None else None
-
-
-def _per_seed(row: dict | None, key: str) -> list[float]:
-    """A row's figure for each seed it ran with (``key`` a perplexity column, or ``"acc"``)."""
-    if row is None:
-        return []
-    if key == "acc":
-        return [100 * v for v in row.get("zeroshot_average_per_seed") or ()] or [v for v in [_acc(row)] if v is not None]
-    return list(row["ppl"][key].get("per_seed") or [row["ppl"][key]["ppl"]]) if key in row["ppl"] else []
-
-
-def _acc_se(row: dict | None) -> float | None:
-    """Standard error of a row's zero-shot average, in points, from each task's accuracy and count."""
-    if not row or not row.get("zeroshot"):
-        return None
-    tasks = [t for t in row["zeroshot"].values() if t.get("n")]
-    var = sum(t["score"] * (1 - t["score"]) / t["n"] for t in tasks) / len(tasks) ** 2
-    return 100 * var**0.5
-
-
-def targets(results: list[dict]) -> list[dict]:
-    """Each target of the quality issue: what is compared, the two numbers, and pass / miss / n/a.
-
-    Like is compared with like: rows without recovery with rows without, rows with the same LoRA
-    recovery budget with each other. PAT trains during pruning (at the recovery's budget), so its row
-    without extra recovery is compared with the dense model after its LoRA recovery. Accuracy
-    comparisons also say whether the gap exceeds two standard errors of the difference. Where both
-    sides ran with several seeds, the comparison is of their means, and it is within noise when
-    the two ranges over the seeds overlap.
-    """
-    out = []
-
-    def check(name, metric, ours, theirs, lower_is_better, against, rows=None, key=None):
-        ok = None if ours is None or theirs is None else (ours < theirs if lower_is_better else ours > theirs)
-        entry = {"target": name, "metric": metric, "ours": ours, "reference": theirs, "against": against,
-                 "result": "n/a" if ok is None else "pass" if ok else "miss"}
-        ses = [_acc_se(r) for r in rows or ()] if key == "acc" else []
-        if ok is not None and ses and None not in ses:  # accuracy: is the gap more than two standard errors?
-            entry["noise"] = 2 * sum(se**2 for se in ses) ** 0.5
-            entry["within_noise"] = abs(ours - theirs) < entry["noise"]
-        spreads = [_per_seed(r, key) for r in rows or ()] if key else []
-        if ok is not None and spreads and all(len(v) > 1 for v in spreads):  # several seeds a side: do they overlap?
-            entry["seed_ranges"] = [[min(v), max(v)] for v in spreads]
-            overlap = max(lo for lo, _ in entry["seed_ranges"]) <= min(hi for _, hi in entry["seed_ranges"])
-            entry["within_noise"] = entry.get("within_noise", False) or overlap
-        out.append(entry)
-
-    for recovery in ("none", "lora"):
-        suffix = "" if recovery == "none" else ", both with LoRA recovery"
-        t = _row(results, "taylor", 0.5, recovery)
-        h = _row(results, "hywia", 0.5, recovery)
-        check(f"HyWIA beats Taylor at 50%{suffix}", "zero-shot avg (%)", _acc(h), _acc(t), False, "taylor", (h, t), "acc")
-        lp = _row(results, "loraprune", 0.5, recovery)
-        for key, label in (("wikitext2@128", "WikiText-2 PPL"), ("ptb@128", "PTB PPL")):
-            check(f"LoRAPrune beats Taylor at 50%{suffix}", label, _ppl(lp, key), _ppl(t, key), True, "taylor", (lp, t), key)
-    b, t = _row(results, "bernoulli", 0.5, "none"), _row(results, "taylor", 0.5, "none")
-    check("Bernoulli beats Taylor at 50%, without fine-tuning", "WikiText-2 PPL", _ppl(b, "wikitext2@128"),
-          _ppl(t, "wikitext2@128"), True, "taylor", (b, t), "wikitext2@128")
-    dense_ft = _row(results, "dense", None, "lora")
-    for ratio in (0.2, 0.5):
-        pat = _row(results, "pat", ratio, "none")
-        check(f"PAT at {ratio:.0%} beats the dense model's LoRA fine-tuning (same budget)", "zero-shot avg (%)",
-              _acc(pat), _acc(dense_ft), False, "dense + LoRA", (pat, dense_ft), "acc")
-    dense = _ppl(_row(results, "dense", None, "none"), "wikitext2@128")
-    best = min(((v, res["method"]) for res in results if abs(res.get("ratio", 0) - 0.2) < 1e-9
-                for v in [_ppl(next((r for r in res.get("rows", []) if r["recovery"] == "lora"), None), "wikitext2@128")]
-                if v is not None), default=None)
-    target = {"target": TWENTY, "metric": "WikiText-2 PPL",
-              "ours": None, "reference": None, "against": "1.15 x dense", "result": "n/a"}
-    if best is not None and dense is not None:
-        value, method = best
-        target.update(ours=value, reference=1.15 * dense, against=f"1.15 x dense ({dense:.2f})",
-                      result="pass" if value <= 1.15 * dense else "miss", method=method)
-        seeds = _per_seed(_row(results, method, 0.2, "lora"), "wikitext2@128")
-        if len(seeds) > 1:  # the bar inside the best method's range over its seeds: a pass or miss by chance
-            target["seed_ranges"] = [[min(seeds), max(seeds)]]
-            target["within_noise"] = min(seeds) <= 1.15 * dense <= max(seeds)
-    out.append(target)
-    return out
-
-
-# LLM-Pruner's LLaMA-7B rows (128-token WikiText-2 PPL; ../shared/METHODS.md): dense, 20% with LoRA recovery
-LLM_PRUNER_7B = {"dense": 12.62, "0.2 lora": 17.37}
-
-
-def twenty_note(checks: list[dict]) -> list[str]:
-    """The 20% target's bar next to where the baseline paper's own 20% row stands against its dense model."""
-    c = next((c for c in checks if c["target"] == TWENTY and c["ours"] is not None), None)
-    if c is None:
-        return []
-    ref = LLM_PRUNER_7B["0.2 lora"] / LLM_PRUNER_7B["dense"]
-    return [f"For scale, the 20% target's bar is 1.15 × dense; here the best 20% row with recovery is "
-            f"{c['ours'] / (c['reference'] / 1.15):.2f} × dense ({c['method']}). LLM-Pruner's own 20% row on LLaMA-7B, after its "
-            f"LoRA recovery, is {ref:.2f} × its dense model ({LLM_PRUNER_7B['0.2 lora']} vs {LLM_PRUNER_7B['dense']}, "
-            "WikiText-2, 128-token windows), on a model 50 times larger.", ""]
-
-
-def _noise_text(c: dict) -> str:
-    if "within_noise" not in c:
-        return ""
-    basis = [f"±{c['noise']:.1f}"] if "noise" in c else []
-    if "seed_ranges" in c:
-        basis.append("seeds " + " vs ".join(f"{fmt(lo)}–{fmt(hi)}" for lo, hi in c["seed_ranges"]))
-    return f" ({'within' if c['within_noise'] else 'beyond'} noise: {'; '.join(basis)})"
-
-
-def targets_table(checks: list[dict]) -> str:
-    lines = ["| target | metric | measured | reference | result |", "|---|---|---:|---:|---|"]
-    for c in checks:
-        who = f" ({c['method']})" if c.get("method") else ""
-        lines.append(f"| {c['target']} | {c['metric']} | {fmt(c['ours'])}{who} | {fmt(c['reference'])} ({c['against']}) | "
-                     f"{'**' + c['result'] + '**' if c['result'] != 'n/a' else 'n/a (row missing)'}{_noise_text(c)} |")
-    return "\n".join(lines)
 
 
 def plot_widths(results: list[dict], path: Path) -> Path | None:
