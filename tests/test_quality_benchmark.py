@@ -148,7 +148,12 @@ def test_main_report_quotes_the_whole_split_check(tmp_path, monkeypatch):
     assert "calibrated on" not in "\n".join(quality.whole_split_text(quality.whole_split_check(main_report, tmp_path)))
     assert quality.whole_split_checks(tmp_path / "results.md") == []  # only the main report quotes it
     note = "\n".join(quality.twenty_note(meta["targets"]))
-    assert "1.20 × dense (taylor)" in note and "1.38 × its dense model" in note  # 60 / 50; 17.37 / 12.62
+    assert "1.20 × dense (taylor, the only method run at 20%)" in note and "1.38 × its dense model" in note  # 60/50; 17.37/12.62
+    loraprune = {**results[1], "case": "loraprune:0.2", "method": "loraprune",
+                 "rows": [dense, {**tuned, "ppl": {"wikitext2@128": {"ppl": 55.0, "tokens": 280000}}}]}
+    checks = quality.targets([*results, loraprune])
+    assert "1.10 × dense (loraprune)." in "\n".join(quality.twenty_note(checks))
+    assert "| 55.00 (loraprune) |" in quality.targets_table(checks)
     assert quality.twenty_note(quality.targets(results[:1])) == []  # no 20% row: nothing to put in scale
 
 
@@ -198,6 +203,10 @@ def test_seeds_are_merged_into_means_and_the_targets_use_their_spread():
     apart = [_seeded("bernoulli", 0.5, s, p, 0.40) for s, p in enumerate((500.0, 550.0, 600.0))]
     check = next(c for c in quality.targets(quality.merge_seeds(taylor + apart)) if c["target"].startswith("Bernoulli"))
     assert check["result"] == "pass" and not check["within_noise"]
+    once = [{**_seeded("taylor", 0.5, 0, 1000.0, 0.40)}]  # one side ran once (like the dense model): a point
+    check = next(c for c in quality.targets(quality.merge_seeds(once + apart)) if c["target"].startswith("Bernoulli"))
+    assert check["seed_ranges"] == [[500.0, 600.0], [1000.0, 1000.0]] and not check["within_noise"]
+    assert "beyond noise: seeds 500.00–600.00 vs 1,000.00)" in quality.targets_table([check])
     # the table shows means with a seeds column, and each seed's figures below
     text = quality.table(merged, 1024)
     assert "| seeds |" in text and "| taylor | 50% | 3 | none | 8 | 1,000.00 |" in text and "| hywia | 50% | 1 | *pending* |" in text
@@ -216,14 +225,19 @@ def test_one_seed_leaves_the_table_as_it_was():
 def test_main_report_quotes_the_several_seed_run(tmp_path, monkeypatch):
     taylor = [_seeded("taylor", 0.5, s, p, 0.40) for s, p in enumerate((900.0, 1000.0, 1100.0))]
     bern = [_seeded("bernoulli", 0.5, s, p, 0.40) for s, p in enumerate((800.0, 950.0, 1150.0))]
+    pat = [_seeded("pat", 0.2, s, p, 0.40) for s, p in enumerate((300.0, 330.0, 450.0))]  # PAT's seeds: 20% only
+    for res in pat:
+        res["rows"].append({**res["rows"][0], "recovery": "lora"})
     main = {"model": "m", "caps": {"max_tokens": 4096}, "method_config": {}}
     meta = {**main, "command": "python benchmarks/quality.py --seeds 0,1,2", "date": "d", "seeds": [0, 1, 2],
-            "targets": quality.targets(quality.merge_seeds(taylor + bern))}
-    (tmp_path / "quality.json").write_text(json.dumps({"meta": meta, "results": taylor + bern}))
+            "targets": quality.targets(quality.merge_seeds([_seeded("dense", 0.0, 0, 50.0, 0.4)] + taylor + bern + pat))}
+    assert next(c for c in meta["targets"] if c["target"] == quality.TWENTY)["result"] == "miss"  # in the run's own report
+    (tmp_path / "quality.json").write_text(json.dumps({"meta": meta, "results": taylor + bern + pat}))
     monkeypatch.setattr(quality, "SEEDS_RUN", tmp_path)
     report = quality.REPO / "docs" / "results.md"
     run = quality.seeds_check(report, main)
-    assert [c["target"] for c in run["targets"]] == ["Bernoulli beats Taylor at 50%, without fine-tuning"]  # the rest: n/a
+    # the rest: n/a, or "the best method at 20%" where the run had one method at 20%
+    assert [c["target"] for c in run["targets"]] == ["Bernoulli beats Taylor at 50%, without fine-tuning"]
     text = "\n".join(quality.seeds_text(run))
     assert "over 3 seeds" in text and "**pass** (within noise: seeds 800.00–1,150.00 vs 900.00–1,100.00)" in text
     assert "whose cases are its seed 0" in text
