@@ -140,6 +140,7 @@ def test_main_report_quotes_the_whole_split_check(tmp_path, monkeypatch):
     [check] = quality.whole_split_checks(main_report)  # a folder without a run is left out
     assert check["result"] == "miss" and check["ours"] == 60.0 and check["reference"] == pytest.approx(57.5)
     assert check["methods"] == ["taylor"] and check["tokens"] == 280000 and check["recovery"] == "80 steps × 4 sequences"
+    assert check["recovery_steps"] == 80
     text = "\n".join(quality.whole_split_text(check))
     assert "**miss**" in text and "calibrated on WikiText-2 train with its `<unk>` markers" in text  # recorded no calibration
     assert f"[`{tmp_path.name}/results.md`]({tmp_path.name}/results.md)" in text and "recovery 80 steps" in text
@@ -147,6 +148,15 @@ def test_main_report_quotes_the_whole_split_check(tmp_path, monkeypatch):
     (tmp_path / "quality.json").write_text(json.dumps({"meta": meta, "results": results}))
     assert "calibrated on" not in "\n".join(quality.whole_split_text(quality.whole_split_check(main_report, tmp_path)))
     assert quality.whole_split_checks(tmp_path / "results.md") == []  # only the main report quotes it
+    # the README's results section names each whole-split run with its recovery steps
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "README.md").write_text(f"intro\n{quality.README_START}\nold\n{quality.README_END}\nrest\n")
+    monkeypatch.setattr(quality, "REPO", tmp_path / "repo")
+    quality.update_readme({"model_name": "m", "command": "c", "date": "d"}, [{**r, "params": 8} for r in results],
+                          meta["targets"], [check])
+    readme = (tmp_path / "repo" / "README.md").read_text()
+    assert "test split: 60.00 (taylor) vs 57.50 after 80 steps of recovery, **miss**" in readme
+    assert readme.startswith("intro\n") and readme.endswith("rest\n") and "old" not in readme
     note = "\n".join(quality.twenty_note(meta["targets"]))
     assert "1.20 × dense (taylor, the only method run at 20%)" in note and "1.38 × its dense model" in note  # 60/50; 17.37/12.62
     loraprune = {**results[1], "case": "loraprune:0.2", "method": "loraprune",
