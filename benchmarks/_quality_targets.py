@@ -26,11 +26,11 @@ def _row(results: list[dict], method: str, ratio: float | None, recovery: str) -
     return None
 
 
-def _ppl(row: dict | None, key: str) -> float | None:
+def row_ppl(row: dict | None, key: str) -> float | None:
     return row["ppl"][key]["ppl"] if row and key in row["ppl"] else None
 
 
-def _acc(row: dict | None) -> float | None:
+def row_acc(row: dict | None) -> float | None:
     return 100 * row["zeroshot_average"] if row and row.get("zeroshot_average") is not None else None
 
 
@@ -39,7 +39,7 @@ def _per_seed(row: dict | None, key: str) -> list[float]:
     if row is None:
         return []
     if key == "acc":
-        return [100 * v for v in row.get("zeroshot_average_per_seed") or ()] or [v for v in [_acc(row)] if v is not None]
+        return [100 * v for v in row.get("zeroshot_average_per_seed") or ()] or [v for v in [row_acc(row)] if v is not None]
     return list(row["ppl"][key].get("per_seed") or [row["ppl"][key]["ppl"]]) if key in row["ppl"] else []
 
 
@@ -84,21 +84,21 @@ def targets(results: list[dict]) -> list[dict]:
         suffix = "" if recovery == "none" else ", both with LoRA recovery"
         t = _row(results, "taylor", 0.5, recovery)
         h = _row(results, "hywia", 0.5, recovery)
-        check(f"HyWIA beats Taylor at 50%{suffix}", "zero-shot avg (%)", _acc(h), _acc(t), False, "taylor", (h, t), "acc")
+        check(f"HyWIA beats Taylor at 50%{suffix}", "zero-shot avg (%)", row_acc(h), row_acc(t), False, "taylor", (h, t), "acc")
         lp = _row(results, "loraprune", 0.5, recovery)
         for key, label in (("wikitext2@128", "WikiText-2 PPL"), ("ptb@128", "PTB PPL")):
-            check(f"LoRAPrune beats Taylor at 50%{suffix}", label, _ppl(lp, key), _ppl(t, key), True, "taylor", (lp, t), key)
+            check(f"LoRAPrune beats Taylor at 50%{suffix}", label, row_ppl(lp, key), row_ppl(t, key), True, "taylor", (lp, t), key)
     b, t = _row(results, "bernoulli", 0.5, "none"), _row(results, "taylor", 0.5, "none")
-    check("Bernoulli beats Taylor at 50%, without fine-tuning", "WikiText-2 PPL", _ppl(b, "wikitext2@128"),
-          _ppl(t, "wikitext2@128"), True, "taylor", (b, t), "wikitext2@128")
+    check("Bernoulli beats Taylor at 50%, without fine-tuning", "WikiText-2 PPL", row_ppl(b, "wikitext2@128"),
+          row_ppl(t, "wikitext2@128"), True, "taylor", (b, t), "wikitext2@128")
     dense_ft = _row(results, "dense", None, "lora")
     for ratio in (0.2, 0.5):
         pat = _row(results, "pat", ratio, "none")
         check(f"PAT at {ratio:.0%} beats the dense model's LoRA fine-tuning (same budget)", "zero-shot avg (%)",
-              _acc(pat), _acc(dense_ft), False, "dense + LoRA", (pat, dense_ft), "acc")
-    dense = _ppl(_row(results, "dense", None, "none"), "wikitext2@128")
+              row_acc(pat), row_acc(dense_ft), False, "dense + LoRA", (pat, dense_ft), "acc")
+    dense = row_ppl(_row(results, "dense", None, "none"), "wikitext2@128")
     candidates = [(v, res["method"]) for res in results if abs(res.get("ratio", 0) - 0.2) < 1e-9
-                  for v in [_ppl(next((r for r in res.get("rows", []) if r["recovery"] == "lora"), None), "wikitext2@128")]
+                  for v in [row_ppl(next((r for r in res.get("rows", []) if r["recovery"] == "lora"), None), "wikitext2@128")]
                   if v is not None]
     best = min(candidates, default=None)
     target = {"target": TWENTY, "metric": "WikiText-2 PPL",
@@ -155,4 +155,4 @@ def targets_table(checks: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TWENTY", "fmt", "targets", "targets_table", "twenty_note"]
+__all__ = ["TWENTY", "fmt", "row_acc", "row_ppl", "targets", "targets_table", "twenty_note"]

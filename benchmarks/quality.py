@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from _memory import lifetime_peak_rss_mib
-from _quality_targets import TWENTY, _acc, _ppl, fmt, targets, targets_table, twenty_note
+from _quality_targets import TWENTY, fmt, row_acc, row_ppl, targets, targets_table, twenty_note
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -409,7 +409,7 @@ def table(results: list[dict], long_len: int) -> str:
                 cells.append(fmt(ppl[key]["ppl"]) if key in ppl else "–")
             zs = row["zeroshot"]
             cells += [fmt(100 * zs[t]["score"], 1) if t in zs else "–" for t in TASK_LABELS]
-            cells.append(fmt(_acc(row), 2))
+            cells.append(fmt(row_acc(row), 2))
             cells.append(fmt(res.get("score_seconds"), 1))
             cells.append(fmt(row.get("finetune_seconds"), 0) if row["recovery"] != "none" else "–")
             peak = res.get("peak_cuda_gib_compile") or res.get("peak_rss_gib_compile")
@@ -669,8 +669,8 @@ def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: li
         for row in res.get("rows", []):
             label = res["method"] + (f" ({len(res['seeds'])} seeds)" if len(res.get("seeds", ())) > 1 else "")
             rows.append(f"| {label} | {'–' if label == 'dense' else format(res['ratio'], '.0%')} | {row['recovery']} | "
-                        f"{res['params'] / 1e6:.1f} M | {fmt(_ppl(row, 'wikitext2@128'))} | {fmt(_ppl(row, 'ptb@128'))} | "
-                        f"{fmt(_acc(row), 1)} |")
+                        f"{res['params'] / 1e6:.1f} M | {fmt(row_ppl(row, 'wikitext2@128'))} | {fmt(row_ppl(row, 'ptb@128'))} | "
+                        f"{fmt(row_acc(row), 1)} |")
     passed = sum(c["result"] == "pass" for c in checks)
     body = [README_START, "",
             f"{meta['model_name']}, from [`docs/results.md`](docs/results.md) (`{meta['command']}`, {meta['date']}; "
@@ -800,7 +800,7 @@ def main() -> None:
             print(f"{case:18s} FAILED after {res['wall_seconds']:.0f}s: {res['error'].splitlines()[-1]}", flush=True)
         else:
             summary = "; ".join(f"{row['recovery']}: wiki2@128 {row['ppl'].get('wikitext2@128', {}).get('ppl', float('nan')):.2f}, "
-                                f"avg {fmt(_acc(row), 1)}" for row in res["rows"])
+                                f"avg {fmt(row_acc(row), 1)}" for row in res["rows"])
             print(f"{case:18s} {res.get('wall_seconds', 0):.0f}s{' (cached)' if res.get('cached') else ''}  "
                   f"params {res['params']:,}  {summary}", flush=True)
         ordered = [results.get(c) or dict(zip(("method", "ratio", "seed"), parse_case(c)), case=c, pending=True) for c in cases]
