@@ -146,6 +146,36 @@ def test_loglikelihood_values_and_context_dependence():
     assert ll_other == pytest.approx(-math.log(math.exp(5.0) + v - 1), abs=1e-5)
 
 
+def test_continuation_longer_than_the_context_window_is_scored_whole():
+    # a bigram model sees only the current token, so windows of any length give the exact value;
+    # every token of the 9-token continuation must count, though only 3 fit in a window
+    tok = CharTokenizer()
+
+    class PreferRepeat(torch.nn.Module):
+        def forward(self, input_ids):
+            return F.one_hot(input_ids, len(CharTokenizer.ALPHABET)).float() * 5.0
+
+    runner = LogitsRunner(PreferRepeat())
+    request = encode_pair(tok, "ab", "bbbbaaaaa", add_bos=True)
+    whole = loglikelihoods(runner, [request])[0]
+    windowed = loglikelihoods(runner, [request, encode_pair(tok, "a", "b", True)], max_length=3)
+    v = len(CharTokenizer.ALPHABET)
+    same, other = 5.0 - math.log(math.exp(5.0) + v - 1), -math.log(math.exp(5.0) + v - 1)
+    assert whole == pytest.approx(8 * same + other, abs=1e-4)  # b→b ×4, b→a, a→a ×4
+    assert windowed[0] == pytest.approx(whole, abs=1e-4)
+    assert windowed[1] == pytest.approx(other, abs=1e-5)
+
+
+def test_zeroshot_answer_longer_than_the_model_limit(stories):
+    # PIQA has an answer of 626 tokens; stories260K takes 512 positions
+    model, tok, text = stories
+    long_answer = " " + text[:4000]
+    assert len(tok(long_answer)["input_ids"]) > 512
+    q = Question(["Goal: tell a story.\nSolution:"] * 2, [long_answer, " The end."], 1, [len(long_answer), 8])
+    acc, acc_norm, pred, _ = score_questions(model, tok, [q], batch_size=2)
+    assert pred[0] in (0, 1) and 0.0 <= acc <= 1.0
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_bundled_tasks_load(task):
     questions = load_task(task, max_examples=5)

@@ -186,16 +186,17 @@ def loglikelihoods(
     """Summed log-probability of each continuation given its context (right-padded batches).
 
     Requests are scored longest first so a batch wastes little padding; sequences longer than
-    ``max_length`` keep their last tokens (lm-eval's left truncation).
+    ``max_length`` keep their last tokens (lm-eval's left truncation). A continuation longer than
+    ``max_length`` itself (lm-eval refuses it) is scored in consecutive windows, each token with as
+    much preceding text as fits, so every one of its tokens counts.
     """
-    seqs = []
-    for ctx, cont in requests:
-        tokens = (ctx + cont)[:-1]
-        if max_length and len(tokens) > max_length:
-            tokens = tokens[-max_length:]
-        seqs.append((tokens, cont))
+    seqs, owner = [], []  # (input tokens, the tokens its last positions predict), request index
+    for i, (ctx, cont) in enumerate(requests):
+        for piece in _pieces(ctx + cont, len(ctx), max_length):
+            seqs.append(piece)
+            owner.append(i)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-    out = [0.0] * len(seqs)
+    pieces = [0.0] * len(seqs)
     bar = tqdm(total=len(seqs), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -210,10 +211,26 @@ def loglikelihoods(
             end = len(tokens)
             # only the continuation's positions need a softmax over the vocabulary
             logprobs = F.log_softmax(logits[row, end - len(cont) : end].float(), dim=-1)
-            out[i] = float(logprobs[torch.arange(len(cont)), torch.tensor(cont, device=logits.device)].sum())
+            pieces[i] = float(logprobs[torch.arange(len(cont)), torch.tensor(cont, device=logits.device)].sum())
         bar.update(len(idx))
     bar.close()
+    out = [0.0] * len(requests)
+    for i, value in zip(owner, pieces):
+        out[i] += value
     return out
+
+
+def _pieces(tokens: list[int], first: int, max_length: int | None) -> list[tuple[list[int], list[int]]]:
+    """Windows that score ``tokens[first:]``: (input, targets), the input's last positions
+    predicting the targets. One window unless the targets alone exceed ``max_length``."""
+    if not max_length:
+        return [(tokens[:-1], tokens[first:])]
+    pieces, end = [], len(tokens)
+    while end > first:
+        start = max(first, end - max_length)
+        pieces.append((tokens[max(0, end - 1 - max_length) : end - 1], tokens[start:end]))
+        end = start
+    return pieces
 
 
 def score_questions(
