@@ -24,7 +24,7 @@ from .analysis.groups import block_of, end_block_patterns, select_groups
 from .errors import ExportError, GraphpruneError, LoadError, PlanError
 from .flops import count_flops, flops_tokens
 from .masking import insert_masks
-from .plan import PruningPlan, atomic_write_text, check_ratio, make_plan
+from .plan import PruningPlan, atomic_write_text, check_ratio, make_plan, usual_modes
 from .rewrite import rewrite
 from .data import load_tokenizer
 from .registry import get_pass
@@ -198,6 +198,7 @@ class CompiledModel:
             manifest["pytree_modules"] = io.pytree_modules(program)
             manifest["files"] = io.file_sizes(tmp)
             atomic_write_text(tmp / "graphprune.json", json.dumps(manifest, indent=1, default=str))
+            usual_modes(tmp)
             if directory.exists():
                 old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
                 os.replace(directory, old)

@@ -134,10 +134,28 @@ def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def usual_modes(root: Path) -> None:
+    """Give ``root`` and everything under it the modes a plain ``open``/``mkdir`` would have:
+    ``mkstemp``/``mkdtemp`` (and writers that use them) make owner-only files, which would keep
+    a saved model from other users of the machine."""
+    mask = current_umask()
+    root.chmod(0o777 & ~mask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -169,6 +171,22 @@ def test_a_failed_save_leaves_the_old_folder_intact(tmp_path):
         compiled.save(folder, hf=True)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["m"], "temporary folders left behind"
+
+
+
+def test_a_saved_folder_has_the_usual_modes(tmp_path):
+    # temporary files and folders are owner-only; the saved ones must be what open/mkdir would make
+    model, traced, _ = analysed("llama_gqa")
+    compiled = graphprune.compile(model, 0.3, example_kwargs=traced.example_kwargs, progress=False)
+    mask = os.umask(0o022)
+    try:
+        folder = compiled.save(tmp_path / "m", hf=True, plot=True)
+    finally:
+        os.umask(mask)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert {"model.pt2", "plan.json", "graphprune.json", "model.safetensors", "widths.png"} <= {p.name for p in files}
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(0o644) for p in files}
 
 
 # ---------------------------------------------------------------- the whole zoo
