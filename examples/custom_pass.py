@@ -1,11 +1,13 @@
-"""A custom scoring pass and a custom op rule, registered by name, used from Python and the CLI.
+"""A custom scoring pass and a custom op rule, registered by name: used from Python here, and from
+the command line by loading this file as a plugin (below).
 
 1. A scoring pass is a ``ScoringPass`` subclass with a frozen ``Config`` and one method,
    ``score(ctx) -> {group name: importance per unit}``; ``@graphprune.register_pass("name")``
    makes it ``method="name"``.
 2. An op rule teaches the dependency analysis an ATen op it does not know. Here the model uses a
    custom op (``torch.library``), ``demo::squared_relu``: without a rule, graphprune cannot know
-   how channels flow through it, so it freezes them (and says so); with the one-line rule
+   how channels flow through it, so it would freeze them (and name the op in ``inspect`` and the
+   report); with the one-line rule
    "output channels are the input channels", the MLP channels become prunable.
 
 From the command line, load this file as a plugin::
@@ -80,7 +82,7 @@ class SquaredReluLM(nn.Module):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--ratio", type=float, default=0.5)
     args = parser.parse_args(argv)
 

@@ -36,8 +36,8 @@ def main(argv=None) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
 
-    def ppl(m) -> float:
-        return perplexity(m, tokenizer, "wikitext2", seq_len=128, max_tokens=args.eval_tokens, progress=False).ppl
+    def ppl(m) -> float:  # a bar per model: the whole test split takes a while on a CPU
+        return perplexity(m, tokenizer, "wikitext2", seq_len=128, max_tokens=args.eval_tokens, progress=True).ppl
 
     small = graphprune.compile(model, ratio=args.ratio, method=args.method, calib=args.data, tokenizer=tokenizer,
                                 n_samples=args.calib_samples)

@@ -4,12 +4,14 @@ Also ``load`` (a saved compiled model) and ``verify`` (pruned graph == masked de
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,7 +29,7 @@ from .masking import insert_masks
 from .plan import PruningPlan, atomic_write_text, check_ratio, make_plan, usual_modes
 from .rewrite import rewrite
 from .data import load_tokenizer
-from .registry import get_pass
+from .registry import check_options, get_pass
 from .scoring import score
 from .trace import Traced, trace
 
@@ -212,6 +214,16 @@ class CompiledModel:
         return directory
 
 
+def _warn_unmatched(ignore, dg: DependencyGraph) -> None:
+    """A pattern that protects nothing is most likely a typo in a module name: say so."""
+    names = {n for g in dg.groups for m in g.members for n in (m.param, m.param.rsplit(".", 1)[0])}
+    for pattern in ignore:
+        if not any(fnmatch.fnmatch(n, pattern) for n in names):
+            example = dg.groups[0].members[0].param.rsplit(".", 1)[0] if dg.groups else ""
+            warnings.warn(f"graphprune: ignore pattern {pattern!r} matches no parameter or module of a prunable group "
+                          f"(names look like {example!r}); it protects nothing", stacklevel=3)
+
+
 def _describe(value):
     if isinstance(value, torch.Tensor):
         return {"tensor": list(value.shape), "dtype": str(value.dtype).replace("torch.", "")}
@@ -333,6 +345,8 @@ def compile(
     ratio = check_ratio(ratio)
     protect_layers = check_protect_layers(protect_layers)
     scorer_cls = type(method) if not isinstance(method, str) else (get_pass(method) if plan is None else None)
+    if scorer_cls is not None and isinstance(method, str):
+        check_options(scorer_cls, method_config)  # before tracing: a typo should not cost a trace
     if allocation is None:
         allocation = getattr(scorer_cls, "default_allocation", "uniform")
     if kinds is None:  # the method's own (PAT prunes the hidden size), else heads and channels
@@ -346,6 +360,7 @@ def compile(
             traced = trace(model, example_inputs=example_inputs, example_kwargs=example_kwargs)
         with _stage(seconds, "analyze", bar):
             dg = analyze(traced, strict=strict)
+            _warn_unmatched(ignore, dg)
             ignore = (*ignore, *end_block_patterns(dg.groups, *protect_layers))
             if plan is None and ratio > 0 and not select_groups(dg.groups, kinds, ignore):
                 raise PlanError(f"nothing left to prune: no group of kinds {list(kinds)} escapes ignore={list(ignore)} "

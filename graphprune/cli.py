@@ -9,6 +9,7 @@ op rule — is loaded with ``--plugin FILE.py`` / ``--plugin package.module[:fun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -141,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=_positive, default=128, help="tokens per calibration window (default 128)")
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
     c.add_argument("--kinds", type=_csv, default=None, metavar="K1,K2",
-                   help="what may be removed: heads, query_heads, head_dim, channels, hidden (default heads,channels)")
+                   help="what may be removed: heads, query_heads, head_dim, channels, hidden; whole blocks: attn_block, "
+                        "mlp_block, layer; lora_rank (a peft adapter's rank) (default heads,channels)")
     c.add_argument("--allocation", choices=["uniform", "global"], default=None,
                    help="same fraction per layer, or ranked across layers (default: the method's preference)")
     c.add_argument("--round-to", type=_round_to, default=1, metavar="N|KIND=N,...",
@@ -220,6 +222,30 @@ def _out(args, human: str, data: dict) -> None:
         print(human)
 
 
+@contextlib.contextmanager
+def _steps(args, names: list[str]):
+    """A bar over named steps on stderr (off with --quiet); the body calls ``step()`` after each."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(names), desc=names[0], disable=not _progress(args), leave=False)
+
+    def step():
+        bar.update(1)
+        if bar.n < len(names):
+            bar.set_description(names[bar.n])
+
+    try:
+        yield step
+    finally:
+        bar.close()
+
+
+def _out_line(args, human: str) -> None:
+    """One result line for a person, as soon as it exists (--json prints one document at the end)."""
+    if not args.json:
+        print(human, flush=True)
+
+
 def _jsonable(value):
     if isinstance(value, Path):
         return str(value)
@@ -250,6 +276,8 @@ def load_plugins(specs: list[str]) -> list[str]:
                 module_spec.loader.exec_module(module)
             else:
                 module_name, _, attr = spec.partition(":")
+                if os.getcwd() not in sys.path:  # as `python -m` does: a module in the current folder is found
+                    sys.path.insert(0, os.getcwd())
                 module = importlib.import_module(module_name)
                 if attr:
                     hook = getattr(module, attr, None)
@@ -279,6 +307,37 @@ def _check_source(path: str) -> None:
         raise UsageError(f"MODEL {exc}") from exc
 
 
+def _check_text(name: str | None, flag: str) -> None:
+    """A corpus name or a file; anything else is a bad argument (exit 2), found before any work."""
+    from .data import CORPORA
+
+    if name is not None and name not in CORPORA and not Path(name).is_file():
+        what = "no such file" if Path(name).suffix or os.sep in name else "not a bundled corpus, nor a file"
+        raise UsageError(f"{flag} {name!r}: {what} (bundled corpora: {', '.join(CORPORA)})")
+
+
+def _check_kinds(kinds: list[str] | None) -> None:
+    from .analysis import ALL_KINDS
+
+    bad = [k for k in kinds or [] if k not in ALL_KINDS]
+    if bad:
+        raise UsageError(f"--kinds: unknown kind {bad[0]!r}; choose from {', '.join(ALL_KINDS)}")
+
+
+def _check_plan_replay(args) -> None:
+    """With --plan nothing is scored: options that only steer scoring would be silently ignored."""
+    steering = {"--kinds": args.kinds, "--allocation": args.allocation, "--ignore": args.ignore,
+                "--option": args.option, "--round-to": args.round_to != 1,
+                "--protect-layers": args.protect_layers != (0, 0)}
+    given = [flag for flag, value in steering.items() if value]
+    if args.plan and given:
+        raise UsageError(f"--plan replays a saved plan, which already says what is removed; {given[0]} has no effect with it")
+
+
+def _is_instruction_file(name: str | None) -> bool:
+    return name is not None and name.endswith((".json", ".json.gz")) and Path(name).is_file()
+
+
 def _pass_class(method: str):
     from .registry import PASSES, available_passes
 
@@ -302,8 +361,10 @@ def cmd_compile(args) -> int:
     import dataclasses
 
     from . import api
+    from .errors import GraphpruneError
     from .io import load_model
     from .plan import PruningPlan, atomic_write_text
+    from .registry import check_options
 
     _check_source(args.model)
     scorer = _pass_class(args.method)
@@ -312,6 +373,14 @@ def cmd_compile(args) -> int:
     unknown = sorted(set(options) - valid)
     if unknown:
         raise UsageError(f"--option {unknown[0]}: method {args.method!r} has no such option; its options are {sorted(valid) or 'none'}")
+    try:
+        check_options(scorer, options)
+    except GraphpruneError as exc:
+        raise UsageError(f"--option: {exc}") from None
+    _check_kinds(args.kinds)
+    _check_plan_replay(args)
+    _check_text(args.calib, "--calib")
+    _check_text(args.finetune_data if not _is_instruction_file(args.finetune_data) else None, "--finetune-data")
     if args.plan and not Path(args.plan).is_file():
         raise UsageError(f"--plan {args.plan}: no such file")
     calib = args.calib
@@ -374,8 +443,9 @@ def _compile_text(compiled, result: dict, out: Path) -> str:
         lines.append(f"fine-tuned: {f.get('steps')} LoRA steps on {f['data']} with {f.get('backend', '?')}{loss}")
     hf = result.get("hf")
     if hf and hf.get("saved"):
-        how = ("graphprune.load_hf(DIR) loads it (its config keeps a graphprune_widths record: per-layer widths or "
-               "norm constants that a plain from_pretrained cannot apply)") if hf.get("per_layer") else "AutoModelForCausalLM.from_pretrained(DIR) loads it"
+        why = hf.get("why_record") or "its per-layer widths or norm constants are in a graphprune_widths record"
+        how = (f"graphprune.load_hf(DIR) loads it; plain from_pretrained cannot: {why}"
+               if hf.get("per_layer") else "AutoModelForCausalLM.from_pretrained(DIR) loads it")
         lines.append(f"transformers checkpoint: yes ({how})")
     elif hf:
         lines.append(f"transformers checkpoint: no — {hf.get('reason', '')}")
@@ -418,8 +488,10 @@ def cmd_inspect(args) -> int:
         _out(args, "\n".join(lines), data)
         return EXIT_OK
     model = loaded.module()
-    traced = trace(model, example_kwargs=loaded.example_kwargs)
-    dg = analyze(traced)
+    with _steps(args, ["trace", "analyze"]) as step:
+        traced = trace(model, example_kwargs=loaded.example_kwargs)
+        step()
+        dg = analyze(traced)
     groups = [
         {"name": g.name, "kind": g.kind, "units": g.size, "prunable_by_default": g.kind in DEFAULT_KINDS,
          "members": [[m.param, m.dim] for m in g.members]}
@@ -471,24 +543,26 @@ def cmd_eval(args) -> int:
     bad = [t for t in tasks if t not in evaluate.TASKS]
     if bad:
         raise UsageError(f"--tasks: unknown task {bad[0]!r}; choose from {', '.join(evaluate.TASKS)} or 'all'")
+    for corpus in corpora:
+        _check_text(corpus, "--ppl")
     loaded = load_model(args.model, dtype=args.dtype)
     target = loaded.evaluable
     if args.onnx:
         target = _onnx_session(loaded)
     tokenizer = loaded.tokenizer()
     data: dict = {"model": str(args.model), "ppl": {}, "zeroshot": None}
-    lines = []
     for corpus in corpora:
         r = evaluate.perplexity(target, tokenizer, corpus, seq_len=seq_len, max_tokens=args.max_tokens,
                                 batch_size=args.batch_size, progress=_progress(args))
         data["ppl"][corpus] = r.to_dict()
-        lines.append(str(r))
+        _out_line(args, str(r))  # now: a later, longer step failing must not lose this figure
     if tasks:
         z = evaluate.zeroshot(target, tokenizer, tasks=tasks, max_examples=args.limit, batch_size=args.batch_size,
                               progress=_progress(args))
         data["zeroshot"] = z.to_dict()
-        lines.append(str(z))
-    _out(args, "\n".join(lines), data)
+        _out_line(args, str(z))
+    if args.json:
+        _out(args, "", data)
     return EXIT_OK
 
 
@@ -554,10 +628,12 @@ def cmd_methods(args) -> int:
     rows = []
     for name in available_passes():
         cls = PASSES[name]
-        options = {f.name: f.default for f in dataclasses.fields(cls.Config) if f.default is not dataclasses.MISSING}
-        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        # a Python callback (bernoulli's on_done) cannot be given as -O KEY=VALUE: not listed
+        options = {f.name: f.default for f in dataclasses.fields(cls.Config)
+                   if f.default is not dataclasses.MISSING and "Callable" not in str(f.type)}
+        doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
         rows.append({"name": name, "needs_calibration": bool(getattr(cls, "needs_calibration", False)),
-                     "options": options, "summary": doc[0] if doc else ""})
+                     "options": options, "summary": _first_sentence(doc)})
     lines = []
     for r in rows:
         data = "calibration data" if r["needs_calibration"] else "no data"
@@ -566,6 +642,13 @@ def cmd_methods(args) -> int:
             lines.append("             options: " + ", ".join(f"{k}={v!r}" for k, v in r["options"].items()))
     _out(args, "\n".join(lines), {"methods": rows})
     return EXIT_OK
+
+
+def _first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph (which may wrap over several lines)."""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    end = paragraph.find(". ")
+    return paragraph[: end + 1] if end >= 0 else paragraph
 
 
 # ================================================================ entry point
@@ -598,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"graphprune {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader stopped reading (| head): say nothing, and let exit not flush into it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     except Exception as exc:  # a bug or an unexpected library failure: still one line, unless --debug
         if debug:
             traceback.print_exc()

@@ -76,6 +76,8 @@ def corpus_text(name: str, split: str = "test") -> str:
     if _is_file(name):
         return read_text(name)
     shown = name if len(name) <= 80 else name[:77] + "..."
+    if len(name) <= 4096 and "\n" not in name and (Path(name).suffix or os.sep in name):
+        raise GraphpruneError(f"no such text file: {shown} (nor a bundled corpus: {sorted(CORPORA)})")
     raise GraphpruneError(f"unknown corpus {shown!r}: use one of {sorted(CORPORA)} or a path to a text file "
                           "(text itself goes in a list of strings)")
 

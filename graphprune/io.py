@@ -201,6 +201,8 @@ def _write_hf(compiled, folder: Path, hf) -> dict | None:
             raise ModuleApplyError(small._graphprune_unsaveable)
         small.save_pretrained(str(folder), save_original_format=False)  # keys as the modules name them
         info = {"saved": True, "per_layer": WIDTHS_KEY in small.config.to_dict(), "class": type(small).__name__}
+        if info["per_layer"]:
+            info["why_record"] = getattr(small, "_graphprune_record_reason", None)
         del small  # the reloaded copy takes its place in memory
         check_reloads(compiled, folder, info["class"])
     except Exception as exc:  # "auto": the graph artefacts are still worth saving
@@ -375,7 +377,8 @@ def to_hf(compiled, check: bool = True) -> torch.nn.Module:
         dense = getattr(compiled.source, "config", None)
         if dense is None or not hasattr(dense, "to_dict"):
             return small
-        if not _config_says_it_all(type(small), small):
+        why = config_falls_short(type(small), small)
+        if why:
             # per-layer widths, or widths the config class cannot express (or would derive other
             # sizes from, e.g. head_dim = hidden / heads): dense config + a record of the widths
             from .module_apply import ModuleApplyError, check_equal
@@ -390,6 +393,7 @@ def to_hf(compiled, check: bool = True) -> torch.nn.Module:
                     f"these widths: usable in this session, not as a transformers checkpoint ({exc})")
                 return small
             record_widths(small, compiled.plan)
+            small._graphprune_record_reason = why
         return small
     if compiled.path is not None and has_hf_checkpoint(compiled.path):
         return load_hf(compiled.path)
@@ -399,13 +403,13 @@ def to_hf(compiled, check: bool = True) -> torch.nn.Module:
     )
 
 
-def _config_says_it_all(cls, small: torch.nn.Module) -> bool:
-    """Whether a model built from the pruned config alone has exactly ``small``'s shapes and module
-    numbers (then a plain checkpoint loads with ``from_pretrained``). A number the config cannot
-    give, such as a rescaled norm's eps, would load silently wrong: such a checkpoint keeps the
-    dense config, so that ``from_pretrained`` fails on the shapes instead. transformers validates
-    configs on save and some classes check sizes when built (GPT-2: hidden size divisible by the
-    head count)."""
+def config_falls_short(cls, small: torch.nn.Module) -> str | None:
+    """Why a model built from the pruned config alone would not have exactly ``small``'s shapes and
+    module numbers; None when it would (then a plain checkpoint loads with ``from_pretrained``). A
+    number the config cannot give, such as a rescaled norm's eps, would load silently wrong: such a
+    checkpoint keeps the dense config, so that ``from_pretrained`` fails on the shapes instead.
+    transformers validates configs on save and some classes check sizes when built (GPT-2: hidden
+    size divisible by the head count)."""
     config = small.config
     if hasattr(config, WIDTHS_KEY):
         delattr(config, WIDTHS_KEY)
@@ -414,11 +418,16 @@ def _config_says_it_all(cls, small: torch.nn.Module) -> bool:
         if validate is not None:
             validate()
         shapes, numbers = _reference(cls, config)
-    except Exception:
-        return False
+    except Exception as exc:
+        first = " ".join(str(exc).split())[:200] or type(exc).__name__
+        return f"{type(config).__name__} rejects the pruned widths ({first})"
+    if shapes != {n: tuple(p.shape) for n, p in small.state_dict().items()}:
+        return "the widths differ by layer (a config has one width per kind)"
     mine = module_numbers(small)
-    return shapes == {n: tuple(p.shape) for n, p in small.state_dict().items()} and all(
-        numbers[k] == v for k, v in mine.items() if k in numbers)
+    odd = sorted(k for k, v in mine.items() if k in numbers and numbers[k] != v)
+    if odd:
+        return f"it has module numbers a config cannot hold ({odd[0]}: a norm over pruned channels keeps the graph's divisor)"
+    return None
 
 
 def _restore_config(small: torch.nn.Module, dense) -> None:

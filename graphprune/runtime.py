@@ -36,7 +36,21 @@ def choose_provider(provider: str = "auto") -> tuple[str, str]:
         return provider, "asked for"
     if CUDA in available:
         return CUDA, "CUDA provider available"
+    if not _gpu_visible():
+        return CPU, "no GPU here"
     return CPU, "no CUDAExecutionProvider in this onnxruntime build (pip install 'graphprune[gpu]' for onnxruntime-gpu)"
+
+
+def _gpu_visible() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+_ANNOUNCED: set = set()  # (provider, reason) already said in this process: a loop of opens says it once
 
 
 @dataclass
@@ -82,7 +96,8 @@ class OnnxSession:
         out = cls(session, used, path, reason,
                   {i.name: _NP_TYPES.get(i.type, np.float32) for i in session.get_inputs()},
                   {i.name: list(i.shape) for i in session.get_inputs()})
-        if not quiet:
+        if not quiet and (used, out.reason) not in _ANNOUNCED:
+            _ANNOUNCED.add((used, out.reason))
             print(f"graphprune: ONNX Runtime runs {path.name} on {used} ({out.reason})", file=sys.stderr)
         return out
 

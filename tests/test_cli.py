@@ -115,6 +115,13 @@ def _bad_arguments(tmp: Path) -> list[tuple[list[str], str]]:
         (["eval", s, "--seq-len", "x"], "--seq-len"),
         (["export", s, "--onnx"], "not a folder saved by"),
         (["export", s], "--onnx"),
+        (["compile", s, "--out", str(tmp), "-O", "p=abc"], "should be a number"),   # a wrong type, not a TypeError
+        (["compile", s, "--out", str(tmp), "--kinds", "channels,bogus"], "unknown kind 'bogus'"),
+        (["compile", s, "--out", str(tmp), "--calib", str(tmp / "missing.txt")], "no such file"),
+        (["compile", s, "--out", str(tmp), "--calib", "wikitext3"], "not a bundled corpus"),
+        (["compile", s, "--out", str(tmp), "--finetune-data", str(tmp / "missing.json")], "no such file"),
+        (["compile", s, "--out", str(tmp), "--plan", str(PLUGIN), "--kinds", "heads"], "--kinds has no effect"),
+        (["eval", s, "--ppl", "bogus"], "not a bundled corpus"),
     ]
 
 
@@ -147,6 +154,23 @@ def test_plugin_pass_from_the_command_line(tmp_path, capsys, stories_dir):
     result = json.loads(capsys.readouterr().out)
     assert result["report"]["method"] == "l1" and abs(result["report"]["achieved_ratio"] - 0.3) < 0.02
     assert "config.json" not in result["files"] and "widths.png" not in result["files"]
+
+
+def test_plugin_module_in_the_current_folder(tmp_path, capsys, monkeypatch):
+    # package.module form, found in the current folder as `python -m` would find it
+    (tmp_path / "my_rules.py").write_text(PLUGIN.read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert cli.main(["methods", "--plugin", "my_rules", "--json"]) == 0
+    assert "l1" in {m["name"] for m in json.loads(capsys.readouterr().out)["methods"]}
+
+
+def test_a_closed_pipe_is_not_an_error():
+    # `graphprune methods | head -1`: the reader stops early; no "unexpected BrokenPipeError" line
+    proc = subprocess.run(f"{sys.executable} -m graphprune.cli methods | head -1", shell=True, capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+    assert len(proc.stdout.splitlines()) == 1
+    assert "BrokenPipe" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
 
 
 def test_round_to_option_parses_one_or_per_kind_multiples():

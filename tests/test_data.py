@@ -18,6 +18,8 @@ def test_corpora_are_found():
         corpus_text("ptb", "train")
     with pytest.raises(GraphpruneError, match="unknown corpus"):
         corpus_text("no-such-corpus")
+    with pytest.raises(GraphpruneError, match="no such text file: missing/notes.txt"):
+        corpus_text("missing/notes.txt")  # a path says it is missing, not that it is an unknown name
 
 
 def test_wikitext_training_and_validation_text_has_no_unknown_word_markers():

@@ -16,6 +16,7 @@ from graphprune.passes import loraprune as lp_module
 from graphprune.passes.hywia import fuse, fusion_weights, normalise
 from graphprune.passes.loraprune import LoRAPrune, cubic_ratio, unit_importance
 from graphprune.passes.taylor import aggregate
+from graphprune.registry import get_pass
 from graphprune.train import causal_lm_loss
 
 FAST_LORAPRUNE = dict(steps=4, update_every=2, lr=1e-3, batch_size=2)
@@ -169,6 +170,25 @@ def test_aggregations_and_bad_options():
     with pytest.raises(graphprune.GraphpruneError, match="needs calibration data"):
         graphprune.compile(model, method="taylor", progress=False)
 
+
+
+def test_options_of_the_wrong_type_or_name_fail_before_tracing(monkeypatch):
+    from graphprune.passes.bernoulli import Bernoulli
+
+    for options, words in [({"p": "abc"}, "p='abc' should be a number"), ({"p": True}, "should be a number"),
+                           ({"norm": 2}, "has no option 'norm'")]:
+        with pytest.raises(graphprune.GraphpruneError, match=words):
+            get_pass("magnitude")(**options)
+    with pytest.raises(graphprune.GraphpruneError, match="steps=1.5 should be int"):
+        Bernoulli(steps=1.5)
+    with pytest.raises(graphprune.GraphpruneError, match=r"init=3 should be str \| None"):
+        Bernoulli(init=3)
+    assert Bernoulli(lr=1, init=None, keep=None).config.lr == 1  # an int is a number; None where allowed
+    # compile checks them before the (slow) trace
+    model, _, _ = analysed("llama_gqa")
+    monkeypatch.setattr(graphprune.api, "trace", lambda *a, **k: pytest.fail("traced before checking the options"))
+    with pytest.raises(graphprune.GraphpruneError, match="should be a number"):
+        graphprune.compile(model, method="magnitude", p="abc", progress=False)
 
 # ================================================================ HyWIA
 def test_hywia_fusion_weights_sum_to_one_and_follow_the_better_separation():
