@@ -413,16 +413,20 @@ class Verification:
         return f"pruned vs masked dense: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g} over {self.trials} inputs ({verdict}, tolerance {self.tolerance:g})"
 
 
-def random_inputs(example_kwargs: dict, batch: int, seq: int, generator: torch.Generator, vocab: int | None = None) -> dict:
-    """Fresh inputs shaped like the example ones, with new batch (dim 0) and sequence (dim 1) sizes."""
+def random_inputs(example_kwargs: dict, batch: int, seq: int, generator: torch.Generator, vocab: int | None = None,
+                  dynamic_shapes: dict | None = None) -> dict:
+    """Fresh inputs shaped like the example ones, with new batch (dim 0) and sequence (dim 1) sizes
+    (only where ``dynamic_shapes``, when given, says the dim may vary)."""
     out = {}
     for name, v in example_kwargs.items():
         if not isinstance(v, torch.Tensor):
             out[name] = v
             continue
+        dims = dynamic_shapes.get(name) if dynamic_shapes is not None else {0: True, 1: True}
         shape = list(v.shape)
-        shape[0] = batch
-        if len(shape) > 1:
+        if dims and 0 in dims:
+            shape[0] = batch
+        if len(shape) > 1 and dims and 1 in dims:
             shape[1] = seq
         if v.dtype.is_floating_point:
             out[name] = torch.randn(shape, generator=generator).to(v.dtype).to(v.device)
@@ -451,7 +455,7 @@ def verify(compiled: CompiledModel, trials: int = 3, seed: int = 0, tolerance: f
     max_abs = max_rel = 0.0
     for t in range(trials):
         batch, seq = 2 + t % 3, 3 + (5 * t) % 11
-        kwargs = random_inputs(compiled.example_kwargs, batch, seq, gen, vocab)
+        kwargs = random_inputs(compiled.example_kwargs, batch, seq, gen, vocab, compiled.dynamic_shapes)
         with torch.no_grad():
             a = [x for x in pytree.tree_leaves(compiled.module(**kwargs)) if isinstance(x, torch.Tensor)]
             b = [x for x in pytree.tree_leaves(masked(**kwargs)) if isinstance(x, torch.Tensor)]

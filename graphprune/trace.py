@@ -69,6 +69,11 @@ def dynamic_shapes_for(example_kwargs: dict, config: dict | None) -> dict:
     return shapes
 
 
+def batch_only(shapes: dict) -> dict:
+    """The same dynamic shapes with every dim but the batch (dim 0) static."""
+    return {name: ({0: dims[0]} if dims and 0 in dims else dims) for name, dims in shapes.items()}
+
+
 def _accepts_use_cache(model: torch.nn.Module) -> bool:
     # wrappers (peft's PeftModel) forward **kwargs to the model they wrap
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -85,8 +90,9 @@ def trace(
 
     Hugging Face causal LMs need no example input (one is made from ``model.config``); any other
     module needs ``example_inputs`` (positional) or ``example_kwargs``. Batch and sequence length
-    (dims 0 and 1 of each input) are dynamic. The model is not modified (its train/eval mode is
-    restored).
+    (dims 0 and 1 of each input) are dynamic; for a module that is not a Hugging Face model and does
+    not trace so (its dim 1 is features, or a fixed length), only the batch is. The model is not
+    modified (its train/eval mode is restored).
     """
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -113,13 +119,21 @@ def trace(
     was_training = model.training
     model.eval()
     try:
-        program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+        try:
+            program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+        except Exception:
+            # dim 1 of a module we know nothing about may be features, not a sequence (an MLP
+            # over [batch, features]): then only the batch can vary
+            if dynamic_shapes is not None or is_hf_model(model) or shapes == batch_only(shapes):
+                raise
+            shapes = batch_only(shapes)
+            program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as exc:  # torch.export raises many types; all mean "not traceable"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(
             f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {first[:500]}. "
-            "Check for data-dependent Python control flow or unsupported inputs; pass example_kwargs "
-            "matching forward(), or dynamic_shapes= to pin dimensions that cannot vary."
+            "Check for data-dependent Python control flow or unsupported inputs, and pass example_kwargs "
+            "(or example_inputs) matching forward()."
         ) from exc
     finally:
         model.train(was_training)

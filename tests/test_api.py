@@ -63,6 +63,32 @@ def test_plain_module_compiles_with_example_inputs():
     assert small.report.achieved_ratio > 0.3
 
 
+class FeatureMLP(nn.Module):
+    """A plain MLP over [batch, features]: its dim 1 is no sequence and cannot vary."""
+
+    def __init__(self, features: int = 12, hidden: int = 32):
+        super().__init__()
+        self.up, self.down = nn.Linear(features, hidden), nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_a_module_whose_dim_1_is_features_compiles_with_only_the_batch_dynamic(tmp_path):
+    model = FeatureMLP().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small = graphprune.compile(model, ratio=0.5, example_inputs=(torch.randn(2, 12),), progress=False)
+    assert small.dynamic_shapes["x"] == {0: small.dynamic_shapes["x"][0]}  # the batch only
+    assert small.module.up.weight.shape[0] < 32 and graphprune.verify(small).ok
+    assert small(x=torch.randn(5, 12)).shape == (5, 3)  # another batch size
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    onnx = small.export_onnx(tmp_path / "mlp.onnx", progress=False)
+    session = graphprune.OnnxSession.open(onnx, quiet=True)
+    x = torch.randn(7, 12)
+    (got,) = session(x=x).values()
+    assert got.shape == (7, 3) and abs(got - small(x=x).detach().numpy()).max() < 1e-5
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(graphprune.LoadError, match="not a saved graphprune model"):
         graphprune.load(tmp_path)
