@@ -28,7 +28,7 @@ from .flops import count_flops, flops_tokens
 from .masking import insert_masks
 from .plan import PruningPlan, atomic_write_text, check_ratio, make_plan, usual_modes
 from .rewrite import rewrite
-from .data import load_tokenizer
+from .data import as_tokenizer, load_tokenizer
 from .registry import check_options, get_pass
 from .scoring import score
 from .trace import Traced, trace
@@ -175,43 +175,63 @@ class CompiledModel:
         (``hf="auto"``: when the plan applies at module level; ``True``: fail if it cannot;
         ``False``: never), the tokenizer (given, or found where the model was loaded from) and
         ``widths.png`` (``plot``), a plot of the kept width per layer.
+
+        ``directory`` may be new, empty, or a folder saved by graphprune (replaced); anything else
+        (a file, a folder of other files) is refused before any work.
         """
         from . import io
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        program = self.export_program()
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
+        io.check_save_target(directory)  # before any work: never the caller's files
+        tokenizer = as_tokenizer(tokenizer)  # a path: the tokenizer saved there, as compile takes it
+        io.check_tokenizer(tokenizer)
+        with io.writing(directory):  # a read-only folder or a file on the way fails here, before the export
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
         try:
-            torch.export.save(program, tmp / "model.pt2")
-            self.plan.save(tmp / "plan.json")
-            if self.report is not None:
-                atomic_write_text(tmp / "report.json", json.dumps(self.report.to_dict(), indent=1))
-            manifest = {
-                "format": SAVE_FORMAT,
-                "version": SAVE_VERSION,
-                "model_class": self.plan.model_class,
-                "config": self.config,
-                "example_kwargs": {k: _describe(v) for k, v in (self.example_kwargs or {}).items()},
-                "num_parameters": self.num_parameters(),
-            }
-            manifest.update(io.write_companions(self, tmp, hf=hf, tokenizer=tokenizer, plot=plot))
-            manifest["fingerprint"] = self.plan.fingerprint
-            manifest["plan_digest"] = io.plan_digest(self.plan)
-            manifest["pytree_modules"] = io.pytree_modules(program)
-            manifest["files"] = io.file_sizes(tmp)
-            atomic_write_text(tmp / "graphprune.json", json.dumps(manifest, indent=1, default=str))
-            usual_modes(tmp)
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                os.replace(directory, old)
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
+            program = self.export_program()
+            with io.writing(directory):
+                self._write_folder(tmp, program, hf=hf, tokenizer=tokenizer, plot=plot)
+                io.check_save_target(directory)  # again: something else may have been put there meanwhile
+                if directory.exists():
+                    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+                    os.replace(directory, old)
+                    try:
+                        os.replace(tmp, directory)
+                    except BaseException:
+                        os.replace(old, directory)  # the previous save stays where it was
+                        raise
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return directory
+
+    def _write_folder(self, tmp: Path, program, *, hf, tokenizer, plot) -> None:
+        """Everything ``save`` writes, into the temporary folder ``tmp``."""
+        from . import io
+
+        torch.export.save(program, tmp / "model.pt2")
+        self.plan.save(tmp / "plan.json")
+        if self.report is not None:
+            atomic_write_text(tmp / "report.json", json.dumps(self.report.to_dict(), indent=1))
+        manifest = {
+            "format": SAVE_FORMAT,
+            "version": SAVE_VERSION,
+            "model_class": self.plan.model_class,
+            "config": self.config,
+            "example_kwargs": {k: _describe(v) for k, v in (self.example_kwargs or {}).items()},
+            "num_parameters": self.num_parameters(),
+        }
+        manifest.update(io.write_companions(self, tmp, hf=hf, tokenizer=tokenizer, plot=plot))
+        manifest["fingerprint"] = self.plan.fingerprint
+        manifest["plan_digest"] = io.plan_digest(self.plan)
+        manifest["pytree_modules"] = io.pytree_modules(program)
+        manifest["files"] = io.file_sizes(tmp)
+        manifest["sha256"] = io.file_digests(tmp)  # sizes miss a same-size corruption
+        atomic_write_text(tmp / "graphprune.json", json.dumps(manifest, indent=1, default=str))
+        usual_modes(tmp)
 
 
 def _warn_unmatched(ignore, dg: DependencyGraph) -> None:
@@ -243,20 +263,10 @@ def _example_from_manifest(desc: dict) -> dict:
 
 def load(directory: str | os.PathLike) -> CompiledModel:
     """Load a directory written by :meth:`CompiledModel.save`."""
-    directory = Path(directory)
-    manifest_path = directory / "graphprune.json"
-    if not manifest_path.exists():
-        raise LoadError(f"{directory} is not a saved graphprune model (no graphprune.json)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LoadError(f"corrupt manifest {manifest_path}: {exc}") from exc
-    if manifest.get("format") != SAVE_FORMAT:
-        raise LoadError(f"{manifest_path} is not a graphprune model manifest")
-    if manifest.get("version", 0) > SAVE_VERSION:
-        raise LoadError(f"saved with a newer format version ({manifest['version']} > {SAVE_VERSION}); upgrade graphprune")
     from . import io
 
+    directory = Path(directory)
+    manifest = io.read_manifest(directory)  # a LoadError for anything but a manifest this version reads
     io.check_saved_files(directory, manifest)
     io.import_pytree_modules(manifest)
     plan = PruningPlan.load(directory / "plan.json")
@@ -269,14 +279,20 @@ def load(directory: str | os.PathLike) -> CompiledModel:
         raise LoadError(f"corrupt or truncated {directory / 'model.pt2'}: {type(exc).__name__}: {str(exc)[:200]}") from exc
     report = None
     if (directory / "report.json").exists():
+        data = io.read_json(directory / "report.json")
         try:
-            report = Report.from_dict(json.loads((directory / "report.json").read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+            if not isinstance(data, dict):
+                raise TypeError(f"a {type(data).__name__}, not an object")
+            report = Report.from_dict(data)
+        except (TypeError, ValueError) as exc:  # valid JSON of another shape
             raise LoadError(f"corrupt {directory / 'report.json'}: {exc}") from exc
+    try:
+        example_kwargs = _example_from_manifest(manifest.get("example_kwargs", {}))
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:  # an edited description
+        raise LoadError(f"{directory / io.MANIFEST}: corrupt 'example_kwargs' ({type(exc).__name__}: {exc})") from exc
     compiled = CompiledModel(
         module=program.module(), plan=plan, report=report,
-        example_kwargs=_example_from_manifest(manifest.get("example_kwargs", {})), config=manifest.get("config"),
-        path=directory,
+        example_kwargs=example_kwargs, config=manifest.get("config"), path=directory,
     )
     io.after_load(compiled, directory, manifest)
     return compiled
@@ -307,7 +323,7 @@ def check_protect_layers(value) -> tuple[int, int]:
 
 def compile(
     model: torch.nn.Module,
-    ratio: float = 0.5,
+    ratio: float | None = None,
     method: str = "magnitude",
     *,
     kinds=None,
@@ -329,6 +345,9 @@ def compile(
 ) -> CompiledModel:
     """Prune ``model`` by ``ratio`` of its transformer-block parameters and return a smaller graph.
 
+    ``ratio`` defaults to 0.5, or to the ratio of ``plan`` (a ``PruningPlan``, its dict, or the path
+    of a saved plan.json) when one is replayed.
+
     ``kinds`` picks what may be removed (``"heads"`` — KV groups under GQA — and ``"channels"`` by
     default, or the method's ``default_kinds``, e.g. ``("hidden",)`` for PAT; also ``"query_heads"``,
     ``"head_dim"``, ``"hidden"``). ``allocation`` is ``"uniform"``
@@ -342,7 +361,24 @@ def compile(
     tokens drawn with ``seed``; text is tokenized with ``tokenizer`` (default: the model's own,
     from the local folder it was loaded from). The caller's model is never modified.
     """
-    ratio = check_ratio(ratio)
+    from .data import check_seq_len, check_size, check_token_ids, model_limits, window_width
+
+    if isinstance(plan, (str, os.PathLike)):
+        plan = PruningPlan.load(plan)
+    elif isinstance(plan, dict):
+        plan = PruningPlan.from_dict(plan)
+    elif plan is not None and not isinstance(plan, PruningPlan):
+        raise PlanError(f"plan must be a PruningPlan, a plan dict or the path of a plan.json, got {type(plan).__name__}")
+    if plan is None:
+        ratio = check_ratio(0.5 if ratio is None else ratio)
+    else:
+        # The plan already says what is removed, so another ratio cannot apply. A warning rather
+        # than an error: the CLI passes its --ratio default (0.5) along with --plan, and replaying a
+        # plan made at another ratio must keep working there; a caller who gave a ratio still hears.
+        if ratio is not None and not math.isclose(check_ratio(ratio), plan.ratio):
+            warnings.warn(f"graphprune: ratio={ratio} is ignored: plan= replays a plan made at ratio {plan.ratio}, "
+                          "which already says what is removed", stacklevel=2)
+        ratio = plan.ratio
     protect_layers = check_protect_layers(protect_layers)
     scorer_cls = type(method) if not isinstance(method, str) else (get_pass(method) if plan is None else None)
     if scorer_cls is not None and isinstance(method, str):
@@ -351,8 +387,23 @@ def compile(
         allocation = getattr(scorer_cls, "default_allocation", "uniform")
     if kinds is None:  # the method's own (PAT prunes the hidden size), else heads and channels
         kinds = getattr(scorer_cls, "default_kinds", DEFAULT_KINDS)
-    if tokenizer is None and calib is not None and not isinstance(calib, torch.Tensor) and not hasattr(calib, "input_ids"):
-        tokenizer = load_tokenizer(model)  # text calibration data: the model's own tokenizer
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)  # "heads" is one kind, not five letters
+    ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
+    check_size(n_samples, "n_samples")
+    check_seq_len(seq_len)
+    uses_calib = plan is None and getattr(scorer_cls, "needs_calibration", False)
+    if calib is not None and not uses_calib:  # a bad path or a forgotten method= must not pass unnoticed
+        why = ("plan= replays a plan without scoring" if plan is not None else
+               f"method {method if isinstance(method, str) else method.name!r} uses no calibration data")
+        shown = calib if isinstance(calib, (str, os.PathLike)) else type(calib).__name__
+        warnings.warn(f"graphprune: calib={shown!r} is ignored: {why}", stacklevel=2)
+    elif calib is not None:  # before tracing: the windows must fit the model (not torch.export's guard)
+        limit, vocab = model_limits(model)
+        check_seq_len(window_width(calib, seq_len), limit)
+        check_token_ids(calib, vocab)
+        tokenizer = as_tokenizer(tokenizer)  # a path: the tokenizer saved there
+        if tokenizer is None and not isinstance(calib, torch.Tensor) and not hasattr(calib, "input_ids"):
+            tokenizer = load_tokenizer(model)  # text calibration data: the model's own tokenizer
     seconds: dict[str, float] = {}
     bar = tqdm(total=5, disable=not progress, leave=False)
     try:
@@ -445,6 +496,11 @@ def verify(compiled: CompiledModel, trials: int = 3, seed: int = 0, tolerance: f
     carries a pruned group; equality means the rewrite removed exactly the planned units and
     nothing else. ``max_rel`` is the worst deviation relative to the largest output magnitude.
     """
+    from .data import check_size
+
+    if not isinstance(compiled, CompiledModel):
+        raise GraphpruneError(f"verify takes the CompiledModel that compile() returned, not a {type(compiled).__name__}")
+    check_size(trials, "trials")  # zero trials would report "OK" having compared nothing
     if compiled.dg is None:
         raise GraphpruneError("verify needs the dense model's analysis: call it on the result of compile(), not load()")
     groups = [compiled.dg.group(g.name) for g in compiled.plan.groups]

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a transformers checkpoint and the tokenizer. Prints a summary table.")
     c.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     c.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (written atomically; replaced if it exists)")
-    c.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of transformer-block parameters removed, in [0, 1) (default 0.5)")
+    c.add_argument("--ratio", type=_ratio, default=None,
+                   help="fraction of transformer-block parameters removed, in [0, 1) (default 0.5; with --plan: the plan's)")
     c.add_argument("--method", "-m", default="magnitude", help="scoring pass (see 'graphprune methods'; default magnitude)")
     c.add_argument("--calib", metavar="DATA", help="calibration text for data-driven methods: wikitext2, ptb, tinystories "
                                                   "or a .txt/.txt.gz file (default wikitext2 when the method needs data)")
@@ -326,7 +327,7 @@ def _check_kinds(kinds: list[str] | None) -> None:
 
 def _check_plan_replay(args) -> None:
     """With --plan nothing is scored: options that only steer scoring would be silently ignored."""
-    steering = {"--kinds": args.kinds, "--allocation": args.allocation, "--ignore": args.ignore,
+    steering = {"--ratio": args.ratio is not None, "--kinds": args.kinds, "--allocation": args.allocation, "--ignore": args.ignore,
                 "--option": args.option, "--round-to": args.round_to != 1,
                 "--protect-layers": args.protect_layers != (0, 0)}
     given = [flag for flag, value in steering.items() if value]
@@ -362,11 +363,15 @@ def cmd_compile(args) -> int:
 
     from . import api
     from .errors import GraphpruneError
-    from .io import load_model
+    from .io import check_save_target, load_model
     from .plan import PruningPlan, atomic_write_text
     from .registry import check_options
 
     _check_source(args.model)
+    try:  # --out naming the source model's folder (or any folder of other files) fails now, not after the compile
+        check_save_target(Path(args.out))
+    except GraphpruneError as exc:
+        raise UsageError(f"--out: {exc}") from None
     scorer = _pass_class(args.method)
     options = dict(args.option)
     valid = {f.name for f in dataclasses.fields(scorer.Config)}

@@ -89,6 +89,15 @@ def _is_file(name: str) -> bool:
         return False
 
 
+def as_tokenizer(tokenizer):
+    """``tokenizer`` itself, or the one :func:`load_tokenizer` finds at a path; a clear error for anything else."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return load_tokenizer(tokenizer)
+    if tokenizer is not None and not callable(tokenizer):
+        raise GraphpruneError(f"tokenizer must be a tokenizer or the path of a folder holding one, got {type(tokenizer).__name__}")
+    return tokenizer
+
+
 def load_tokenizer(model_or_path):
     """The tokenizer of a local Hugging Face folder, a GGUF file, or a model loaded from one."""
     from transformers import AutoTokenizer
@@ -148,6 +157,59 @@ class Calibration:
             yield self.input_ids[i : i + batch_size]
 
 
+def check_size(value, name: str, minimum: int = 1) -> int:
+    """An integer argument (a count or a length) of at least ``minimum``, else an error naming it."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise GraphpruneError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_seq_len(seq_len, limit: int | None = None) -> int:
+    """A window length: >= 2 (one token predicts nothing) and within the model's ``limit`` of positions.
+
+    Shared by perplexity, compile's calibration and finetune, so each fails up front alike instead of
+    in torch.export's guard, or training silently past the positions the model has.
+    """
+    check_size(seq_len, "seq_len", 2)
+    if limit and seq_len > limit:
+        raise GraphpruneError(f"seq_len={seq_len} is longer than the model's limit of {limit} positions")
+    return seq_len
+
+
+def model_limits(model) -> tuple[int | None, int | None]:
+    """(position limit, vocabulary size) from the model's config as evaluation reads it; None where unknown."""
+    from .evaluate.runner import LogitsRunner
+
+    try:
+        runner = LogitsRunner(model)
+    except GraphpruneError:
+        return None, None  # not a model at all: the caller's own checks say so
+    vocab = runner.config.get("vocab_size")
+    return runner.max_length(), (vocab if isinstance(vocab, int) and vocab > 0 else None)
+
+
+def window_width(data, seq_len):
+    """The sequence length ``data`` will be cut to: its own width for ready windows (2-D ids), else ``seq_len``."""
+    if isinstance(data, Calibration):
+        return data.seq_len
+    if isinstance(data, torch.Tensor) and data.dim() == 2:
+        return data.shape[1]
+    return seq_len
+
+
+def check_token_ids(ids, vocab: int | None = None, what: str = "calib"):
+    """Token ids must be integers (a float tensor would be truncated to ids silently) inside the vocabulary."""
+    data = ids.input_ids if isinstance(ids, Calibration) else ids
+    if not isinstance(data, torch.Tensor):
+        return ids
+    if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
+        raise GraphpruneError(f"{what}: token ids must be an integer tensor, got {data.dtype}")
+    if data.numel() and (int(data.min()) < 0 or (vocab and int(data.max()) >= vocab)):
+        raise GraphpruneError(f"{what}: token ids must lie in the vocabulary [0, {vocab or '?'}), "
+                              f"got ids from {int(data.min())} to {int(data.max())}")
+    return ids
+
+
 def _windows(stream: torch.Tensor, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
     if stream.numel() < seq_len + 1:
         raise GraphpruneError(f"calibration text has {stream.numel()} tokens, fewer than seq_len={seq_len}")
@@ -160,8 +222,10 @@ def calibration(calib, tokenizer=None, n_samples: int = 16, seq_len: int = 128, 
     """A :class:`Calibration` set from a corpus name, path, Dataset, list of strings or token tensor."""
     if isinstance(calib, Calibration):
         return calib
+    check_size(n_samples, "n_samples")
+    check_seq_len(seq_len)
     if isinstance(calib, torch.Tensor):
-        ids = calib.long()
+        ids = check_token_ids(calib).long()
         if ids.dim() == 1:
             return Calibration(_windows(ids, n_samples, seq_len, seed))
         return Calibration(ids)
@@ -178,6 +242,7 @@ def calibration(calib, tokenizer=None, n_samples: int = 16, seq_len: int = 128, 
             f"calib must be a corpus name {sorted(CORPORA)}, a text file path, a datasets.Dataset, a list of "
             f"strings or a LongTensor of token ids; got {type(calib).__name__}"
         )
+    tokenizer = as_tokenizer(tokenizer)
     if tokenizer is None:
         raise GraphpruneError("text calibration data needs a tokenizer: pass tokenizer=... (or token ids)")
     if not text.strip():

@@ -14,6 +14,7 @@ the plain one's (see :func:`optimize_file`).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -129,6 +130,7 @@ def export_onnx(
     """
     path = Path(path)
     dtype = normalize_dtype(dtype)
+    check_target(path)  # before the export: a folder at ``path`` would otherwise fail only at the end
     bar = tqdm(total=4, disable=not progress, leave=False, desc="onnx: torch.export")
     try:
         program, kwargs, shapes = to_program(model, example_kwargs, dynamic_shapes)
@@ -307,13 +309,33 @@ def name_dims(model, program: torch.export.ExportedProgram, dynamic_shapes) -> d
 
 
 # ================================================================ saving
+def check_target(path: Path) -> None:
+    """``path`` (and its side file ``path.data``) can be written: not a folder, in a writable folder."""
+    from .io import writing
+
+    if path.is_dir():
+        raise ExportError(f"{path} is a folder: give the ONNX file to write, e.g. {path / 'model.onnx'}")
+    data = path.with_name(f"{path.name}.data")
+    if data.is_dir():
+        raise ExportError(f"{data} is a folder, where the model's weights file would go: remove it or choose another name")
+    with writing(path, ExportError):  # checked on the nearest existing folder: a failed export makes none
+        folder = next(p for p in path.absolute().parents if p.exists())
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+
+
 def save_atomic(onnx_program, path: Path, *, dtype: str = "float32", external_data: bool = False,
                 check: bool = True, optimize: bool = False, bar=None) -> "FusionReport | None":
     """Save (fusing and converting to float16 if asked), check, and move into place; never a
     partial file at ``path``. Returns the fusion report when ``optimize``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .io import writing
+
     data_name = f"{path.name}.data"
-    tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+    with writing(path, ExportError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
     report = None
     try:
         tmp = tmpdir / path.name
@@ -337,16 +359,36 @@ def save_atomic(onnx_program, path: Path, *, dtype: str = "float32", external_da
             _check(tmp)
         if bar is not None:
             bar.update(1)
-        # the weights first, so the model never points at a missing or stale data file
-        for f in tmpdir.iterdir():
-            if f != tmp and f.is_file():
-                os.replace(f, path.parent / f.name)
-        os.replace(tmp, path)
-        if not external_data:
-            (path.parent / data_name).unlink(missing_ok=True)  # left by an earlier export to this path
+        with writing(path, ExportError):
+            _move_into_place(tmpdir, tmp, path)
+            if not external_data:
+                (path.parent / data_name).unlink(missing_ok=True)  # left by an earlier export to this path
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return report
+
+
+def _move_into_place(tmpdir: Path, tmp: Path, path: Path) -> None:
+    """Move the side files of ``tmpdir`` (the weights) next to ``path`` first, so the model never
+    points at a missing or stale data file, then the model ``tmp`` to ``path``. If a move fails, the
+    side files moved so far go and the ones they replaced come back: the folder is as it was."""
+    previous = Path(tempfile.mkdtemp(dir=tmpdir))  # replaced side files wait here (a folder: not moved itself)
+    moved: list[tuple[Path, Path | None]] = []  # (where a side file went, the file it replaced)
+    try:
+        for f in [f for f in tmpdir.iterdir() if f != tmp and f.is_file()]:
+            dest = path.parent / f.name
+            replaced = previous / f.name if dest.exists() else None
+            if replaced is not None:
+                os.replace(dest, replaced)
+            moved.append((dest, replaced))
+            os.replace(f, dest)
+        os.replace(tmp, path)
+    except BaseException:
+        for dest, replaced in reversed(moved):
+            dest.unlink(missing_ok=True)
+            if replaced is not None:
+                os.replace(replaced, dest)
+        raise
 
 
 def _move_model(src: Path, dst: Path) -> None:

@@ -176,8 +176,17 @@ def _as_compiled(model, progress: bool, first_batch: torch.Tensor):
 
 
 def _peft_targets(module: torch.nn.Module, targets) -> list[str]:
+    from .lora import matches, unmatched_targets
+
     if targets is not None:
-        return [targets] if isinstance(targets, str) else list(targets)
+        # the modules of weights of 2+ dimensions (linear, embedding, conv), matched as the graph
+        # back-end matches them, so both take the same targets and a typo is an error, not ignored
+        names = [n for n, m in module.named_modules() if getattr(m, "weight", None) is not None and m.weight.dim() >= 2]
+        patterns = [targets] if isinstance(targets, str) else list(targets)
+        problem = unmatched_targets(names, patterns, "module with a weight")
+        if problem:
+            raise GraphpruneError(problem)
+        return [n for n in names if any(matches(n, pat) for pat in patterns)]
     names = [n for n, m in module.named_modules() if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D") and block_of(n + ".x")]
     if not names:
         raise GraphpruneError("no nn.Linear inside a transformer block to put LoRA on: pass targets=[...]")
@@ -212,8 +221,9 @@ def finetune(
     """LoRA recovery fine-tuning of a pruned ``CompiledModel`` (or a dense ``nn.Module``); adapters merged.
 
     ``backend``: ``"auto"`` (peft at module level when the plan applies there, else the graph
-    pass), ``"peft"`` or ``"graph"``. ``targets``: module-name patterns for peft / weight-name
-    patterns for the graph pass (default: every linear weight inside the transformer blocks).
+    pass), ``"peft"`` or ``"graph"``. ``targets``: module names, dotted suffixes (``"q_proj"``) or
+    fnmatch patterns (``"*.q_proj"``), alike for both back-ends; one that matches nothing is an
+    error (default: every linear weight inside the transformer blocks).
     ``distill_from``: a dense model (anything :mod:`graphprune.evaluate` can run) whose logits
     are the target; the loss is ``distill_weight · KL + (1 − distill_weight) · CE``.
     ``distill_positions``: where the KL is taken — ``"labels"`` (the positions the cross entropy
@@ -222,7 +232,7 @@ def finetune(
     Returns a new ``CompiledModel`` (the input is not modified) whose ``report.seconds["finetune"]``
     and ``report.scoring["finetune"]`` record the run; ``.finetune_info`` holds the loss curve.
     """
-    from .data import load_tokenizer
+    from .data import as_tokenizer, check_seq_len, check_size, check_token_ids, load_tokenizer, model_limits, window_width
 
     if backend not in ("auto", "peft", "graph"):
         raise GraphpruneError(f"backend must be 'auto', 'peft' or 'graph', got {backend!r}")
@@ -230,6 +240,17 @@ def finetune(
         raise GraphpruneError(f"distill_positions must be 'labels' or 'all', got {distill_positions!r}")
     if not 0.0 <= distill_weight <= 1.0:
         raise GraphpruneError(f"distill_weight must be in [0, 1], got {distill_weight}")
+    # sizes, limits and the training options before any tokenizing or tracing: a bad one must not
+    # cost minutes first, nor surface as a nan loss, a peft ValueError or torch.export's guard
+    check_size(batch_size, "batch_size")
+    check_size(lora_r, "lora_r")
+    check_seq_len(seq_len)
+    limit, vocab = model_limits(model)
+    check_seq_len(window_width(data, seq_len), limit)
+    check_token_ids(data, vocab, "data")
+    train_config = TrainConfig(steps=steps, lr=lr, grad_accum=grad_accum, warmup_steps=warmup_steps, schedule=schedule,
+                               precision=precision, seed=seed, progress=progress, desc="finetune", checkpoint_dir=checkpoint_dir)
+    tokenizer = as_tokenizer(tokenizer)
     if tokenizer is None and not isinstance(data, torch.Tensor) and not hasattr(data, "input_ids"):
         raw = getattr(model, "config", None)
         config = raw if isinstance(raw, dict) else (raw.to_dict() if hasattr(raw, "to_dict") else {})
@@ -257,17 +278,15 @@ def finetune(
         ce = lm_loss(logits, labels)
         return distill_weight * kl + (1 - distill_weight) * ce, {"kl": kl.item(), "ce": ce.item()}
 
-    config = TrainConfig(steps=steps, lr=lr, grad_accum=grad_accum, warmup_steps=warmup_steps, schedule=schedule,
-                         precision=precision, seed=seed, progress=progress, desc="finetune", checkpoint_dir=checkpoint_dir)
     small, reason = None, "backend='graph' asked for"
     if backend != "graph":
         small, reason = _module_level(compiled, strict=backend == "peft")
     t0 = time.perf_counter()
     if small is not None:
-        weights, result, n_train = _train_peft(small, targets, lora_r, lora_alpha, seed, loss_fn, batches, config)
+        weights, result, n_train = _train_peft(small, targets, lora_r, lora_alpha, seed, loss_fn, batches, train_config)
         used = "peft"
     else:
-        weights, result, n_train = _train_graph(compiled, targets, lora_r, lora_alpha, seed, loss_fn, batches, config)
+        weights, result, n_train = _train_graph(compiled, targets, lora_r, lora_alpha, seed, loss_fn, batches, train_config)
         used = "graph"
     info = FinetuneInfo(used, reason, result.steps, result.losses, time.perf_counter() - t0, n_train, {
         "steps": steps, "lora_r": lora_r, "lora_alpha": lora_alpha, "lr": lr, "batch_size": batch_size, "seq_len": seq_len,
@@ -295,7 +314,10 @@ def _train_peft(small, targets, r, alpha, seed, loss_fn, batches, config):
 
     torch.manual_seed(seed)  # peft initialises A at random
     lora = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=_peft_targets(small, targets), bias="none")
-    wrapped = peft.get_peft_model(small, lora)
+    try:
+        wrapped = peft.get_peft_model(small, lora)
+    except (ValueError, TypeError) as exc:  # e.g. a targeted module of a type peft cannot adapt
+        raise GraphpruneError(f"peft could not put LoRA on targets {targets}: {exc}") from exc
     params = [p for p in wrapped.parameters() if p.requires_grad]
 
     device = next(small.parameters()).device

@@ -35,7 +35,10 @@ from .trace import dynamic_shapes_for
 WIDTHS_KEY = "graphprune_widths"  # config.json entry holding per-layer widths
 WIDTHS_VERSION = 2  # 2: adds "attributes" (module numbers the config does not give, e.g. a rescaled norm's eps)
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
-CHECKED_SUFFIXES = (".pt2", ".safetensors")  # binary files whose size the manifest records
+CHECKED_SUFFIXES = (".pt2", ".safetensors")  # binary files whose size and SHA-256 the manifest records
+MANIFEST = "graphprune.json"
+# manifest entries load reads, with the JSON type each must have (absent is fine: older manifests)
+MANIFEST_TYPES = {"files": dict, "sha256": dict, "pytree_modules": list, "example_kwargs": dict, "config": (dict, type(None))}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -149,6 +152,36 @@ def _hf_call(fn, path: Path):
         hf_logging.set_verbosity(level)
 
 
+def read_json(path: Path):
+    """The JSON value in ``path``; a LoadError naming the file when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LoadError(f"corrupt {path}: {exc}") from exc
+
+
+def read_manifest(folder: Path) -> dict:
+    """``folder``'s graphprune.json, checked to be a manifest this graphprune reads."""
+    from .api import SAVE_FORMAT, SAVE_VERSION
+    from .plan import check_version
+
+    path = folder / MANIFEST
+    if not path.exists():
+        raise LoadError(f"{folder} is not a saved graphprune model (no {MANIFEST})")
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("format") != SAVE_FORMAT:
+        raise LoadError(f"{path} is not a graphprune model manifest (expected an object with 'format': '{SAVE_FORMAT}')")
+    check_version(manifest, SAVE_VERSION, str(path))
+    for key, kind in MANIFEST_TYPES.items():
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise LoadError(f"{path}: {key!r} is a {type(manifest[key]).__name__}, not what graphprune wrote; the file was edited or is corrupt")
+    names = [*manifest.get("sha256", {}).values(), *manifest.get("pytree_modules", [])]  # digests, module names
+    if not all(map(_is_count, manifest.get("files", {}).values())) or not all(isinstance(v, str) for v in names):
+        raise LoadError(f"{path}: 'files' must map names to sizes, 'sha256' names to digests and 'pytree_modules' "
+                        "list module names; the file was edited or is corrupt")
+    return manifest
+
+
 def _has_tokenizer(path: Path) -> bool:
     return path.is_dir() and ((path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists())
 
@@ -158,6 +191,43 @@ def _local_dir(name) -> Path | None:
 
 
 # ================================================================ saving next to the graph
+@contextmanager
+def writing(path: Path, error: type[GraphpruneError] = GraphpruneError):
+    """An OS error while writing ``path`` (a read-only folder, a file where a folder should be, a
+    full disk) as a graphprune ``error`` naming it; the OSError stays as its __cause__."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):  # "File exists" alone would not say which
+            blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+            reason = f"{blocker} is a file, not a folder" if blocker else reason
+        raise error(f"cannot write {path}: {reason}") from exc
+
+
+def check_save_target(directory: Path) -> None:
+    """``save`` replaces only a folder graphprune saved (it has graphprune.json) or an empty one:
+    never a file, nor a folder of the user's files (``--out`` naming the source model's folder)."""
+    with writing(directory):
+        if directory.is_dir():
+            names = sorted(p.name for p in directory.iterdir())
+            if not names or (directory / MANIFEST).is_file():
+                return
+            listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise GraphpruneError(f"{directory} exists and is not a folder saved by graphprune (it has {listed}): "
+                                  "choose another folder or remove it")
+        if directory.exists() or directory.is_symlink():
+            raise GraphpruneError(f"{directory} exists and is a file, not a folder saved by graphprune: "
+                                  "choose another path or remove it")
+
+
+def check_tokenizer(tokenizer) -> None:
+    """What ``save(tokenizer=...)`` can write: a transformers tokenizer (checked before any work)."""
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise GraphpruneError(f"save(tokenizer=...) takes a transformers tokenizer (with save_pretrained), "
+                              f"got a {type(tokenizer).__name__}")
+
+
 def write_companions(compiled, folder: Path, *, hf="auto", tokenizer=None, plot: bool = True) -> dict:
     """Write the HF checkpoint, tokenizer and width plot into ``folder``; return manifest entries."""
     out: dict = {"hf": _write_hf(compiled, folder, hf)}
@@ -319,7 +389,22 @@ def file_sizes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.suffix in CHECKED_SUFFIXES}
 
 
+def file_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of the same files (a later load detects a same-size corruption)."""
+    return {name: sha256_of(folder / name) for name in file_sizes(folder)}
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:  # streamed: a checkpoint may be larger than memory
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_saved_files(folder: Path, manifest: dict) -> None:
+    """The manifest's files are there, with their sizes, then their SHA-256 (manifests written
+    before digests were recorded have sizes only)."""
     for name, size in (manifest.get("files") or {}).items():
         path = folder / name
         if not path.exists():
@@ -327,6 +412,14 @@ def check_saved_files(folder: Path, manifest: dict) -> None:
         actual = path.stat().st_size
         if actual != size:
             raise LoadError(f"{path} is corrupt or truncated: {actual:,} bytes where the manifest says {size:,}; copy the folder again")
+    for name, digest in (manifest.get("sha256") or {}).items():
+        check_digest(folder / name, digest)
+
+
+def check_digest(path: Path, digest: str | None) -> None:
+    if digest is not None and (not path.exists() or sha256_of(path) != digest):
+        raise LoadError(f"{path} is corrupt or was changed after saving (SHA-256 differs from {MANIFEST}): copy the folder "
+                        "again; weights fine-tuned after loading belong in a folder of their own (save_pretrained elsewhere)")
 
 
 def plan_digest(plan) -> str:
@@ -363,9 +456,10 @@ def has_hf_checkpoint(folder: Path) -> bool:
 
 def has_widths_record(folder: Path) -> bool:
     try:
-        return WIDTHS_KEY in json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
+    return isinstance(config, dict) and WIDTHS_KEY in config
 
 
 def to_hf(compiled, check: bool = True) -> torch.nn.Module:
@@ -396,7 +490,7 @@ def to_hf(compiled, check: bool = True) -> torch.nn.Module:
             small._graphprune_record_reason = why
         return small
     if compiled.path is not None and has_hf_checkpoint(compiled.path):
-        return load_hf(compiled.path)
+        return load_hf(compiled.path, verify=False)  # graphprune.load checked the folder's files
     raise GraphpruneError(
         "no module-level model to build: this CompiledModel was loaded from a folder without a Hugging Face "
         "checkpoint (save it from a compile of a Hugging Face model)"
@@ -510,7 +604,13 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.exists():
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise LoadError(f"{index} has no 'weight_map' of weight names to file names: the checkpoint is corrupt")
+        files = sorted(set(weight_map.values()))
     state = {}
     for name in files:
         path = folder / name
@@ -523,13 +623,23 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_hf(folder: str | os.PathLike, dtype=None) -> torch.nn.Module:
+def _check_weight_digests(folder: Path, digests: dict | None) -> None:
+    """A graphprune folder's weights against the SHA-256s its manifest records. Checked after the
+    weights were found to fit the config: another model's weights are better told by their shapes."""
+    for name, digest in (digests or {}).items():
+        if name.endswith(".safetensors"):
+            check_digest(folder / name, digest)
+
+
+def load_hf(folder: str | os.PathLike, dtype=None, *, verify: bool = True) -> torch.nn.Module:
     """A pruned ``transformers`` model from ``folder``, per-layer widths restored.
 
     Plain checkpoints (uniform widths) load with ``from_pretrained``; checkpoints with a
     ``graphprune_widths`` record are built with the dense config, resized to the recorded shapes,
     given the recorded module numbers and filled from the safetensors file. A checkpoint whose weights do not fit its config (another
     model's weights), a cut file or a record of a newer format fails with a :class:`LoadError`.
+    In a folder saved by graphprune, the weights must also match the SHA-256 in its graphprune.json
+    (``verify=False``: the caller checked them already).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -538,6 +648,7 @@ def load_hf(folder: str | os.PathLike, dtype=None) -> torch.nn.Module:
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise LoadError(f"{folder} has no config.json: not a Hugging Face checkpoint")
+    digests = read_manifest(folder).get("sha256") if verify and (folder / MANIFEST).exists() else None
     dtype = resolve_dtype(dtype)
     config = _hf_call(lambda: AutoConfig.from_pretrained(str(folder)), folder)
     record = getattr(config, WIDTHS_KEY, None)
@@ -546,10 +657,9 @@ def load_hf(folder: str | os.PathLike, dtype=None) -> torch.nn.Module:
         state = _read_safetensors(folder)  # a cut file fails here, with a clear message
         del state
         model = _hf_call(lambda: auto.from_pretrained(str(folder), dtype=dtype), folder)
+        _check_weight_digests(folder, digests)
         return model.eval()
-    if not isinstance(record, dict) or record.get("version", 0) > WIDTHS_VERSION:
-        raise LoadError(f"{folder / 'config.json'}: {WIDTHS_KEY} has format version {record.get('version') if isinstance(record, dict) else '?'}, "
-                        f"newer than this graphprune ({WIDTHS_VERSION}); upgrade graphprune")
+    check_record(record, folder / "config.json")
     with _parameters_on_meta():
         model = _hf_call(lambda: auto.from_config(config) if auto is AutoModelForCausalLM else auto._from_config(config), folder)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -571,9 +681,35 @@ def load_hf(folder: str | os.PathLike, dtype=None) -> torch.nn.Module:
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise LoadError(f"{folder}: the checkpoint has no weights for {left[:3]}{' ...' if len(left) > 3 else ''}: it belongs to a different model")
+    _check_weight_digests(folder, digests)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_record(record, path: Path) -> None:
+    """A widths record as :func:`record_widths` writes it; anything else is a LoadError saying what is wrong."""
+    from .plan import check_version
+
+    def wrong(what: str) -> LoadError:
+        return LoadError(f"{path}: {WIDTHS_KEY} {what}; the file was edited or is corrupt")
+
+    if not isinstance(record, dict):
+        raise wrong(f"is a {type(record).__name__}, not an object")
+    check_version(record, WIDTHS_VERSION, f"{path}: {WIDTHS_KEY}")
+    params, groups, numbers = record.get("params", {}), record.get("groups", []), record.get("attributes", {})
+    if not isinstance(params, dict) or not all(isinstance(s, list) and all(map(_is_count, s)) for s in params.values()):
+        raise wrong("'params' must map parameter names to shapes (lists of sizes)")
+    if not isinstance(groups, list) or not all(
+            isinstance(g, list) and len(g) == 4 and all(isinstance(x, str) for x in g[:2]) and all(map(_is_count, g[2:]))
+            for g in groups):
+        raise wrong("'groups' must be a list of [name, kind, kept, total]")
+    if not isinstance(numbers, dict) or not all(type(v) in (int, float) for v in numbers.values()):
+        raise wrong("'attributes' must map module attributes to numbers")
 
 
 def _model_class(config):

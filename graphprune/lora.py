@@ -87,15 +87,33 @@ def default_targets(gm: fx.GraphModule) -> list[str]:
     return inside or weights
 
 
+def matches(name: str, pattern: str) -> bool:
+    """``pattern`` is ``name``, a dotted suffix of it (peft's rule: ``"q_proj"``) or an fnmatch pattern."""
+    return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatch(name, pattern)
+
+
+def unmatched_targets(names: list[str], patterns: list[str], what: str, shown: list[str] | None = None) -> str | None:
+    """An error message when a pattern matches none of ``names`` (a typo must not be ignored silently),
+    naming what exists (the last parts of ``shown``, default ``names``); else None."""
+    missing = [pat for pat in patterns if not any(matches(n, pat) for n in names)]
+    if not missing:
+        return None
+    shown = names if shown is None else shown
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in shown})
+    example = next((n for n in shown if block_of(n + ".x")), shown[0] if shown else None)
+    return f"targets {missing} match no {what}; they are named like {leaves[:12]}" + (f" (in full, e.g. {example!r})" if example else "")
+
+
 def _select(gm: fx.GraphModule, targets) -> list[str]:
     if targets is None:
         return default_targets(gm)
     names = [n for n, p in gm.named_parameters() if p.dim() >= 2]
     patterns = [targets] if isinstance(targets, str) else list(targets)
-    chosen = [n for n in names if any(fnmatch.fnmatch(n, pat) or fnmatch.fnmatch(n.rsplit(".", 1)[0], pat) for pat in patterns)]
-    if not chosen:
-        raise GraphpruneError(f"add_lora: no weight of at least 2 dimensions matches targets {patterns}")
-    return chosen
+    owners = [n.rsplit(".", 1)[0] for n in names]  # a pattern names the weight or its module
+    problem = unmatched_targets(owners + names, patterns, "weight of at least 2 dimensions", shown=owners)
+    if problem:
+        raise GraphpruneError(f"add_lora: {problem}")
+    return [n for n, owner in zip(names, owners) if any(matches(n, pat) or matches(owner, pat) for pat in patterns)]
 
 
 def _adapter_names(weight: str) -> tuple[str, str]:

@@ -86,8 +86,9 @@ class PruningPlan:
                 raise PlanError(f"plan group {pg.name!r} has {pg.size} units, the model has {g.size}")
             if not pg.keep:
                 raise PlanError(f"plan group {pg.name!r} keeps no unit; at least one must stay")
-            if len(set(pg.keep)) != len(pg.keep) or min(pg.keep) < 0 or max(pg.keep) >= g.size:
-                raise PlanError(f"plan group {pg.name!r} has invalid kept indices (duplicates or out of [0, {g.size}))")
+            problem = keep_problem(pg.keep, g.size)
+            if problem:
+                raise PlanError(f"plan group {pg.name!r} has invalid kept indices ({problem})")
 
     def kept_widths(self) -> dict[str, tuple[int, int]]:
         return {g.name: (len(g.keep), g.size) for g in self.groups}
@@ -103,14 +104,21 @@ class PruningPlan:
     def from_dict(cls, data: dict) -> "PruningPlan":
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise LoadError("not a graphprune plan (missing 'format': 'graphprune.plan')")
-        if data.get("version", 0) > PLAN_VERSION:
-            raise LoadError(f"plan format version {data['version']} is newer than this graphprune ({PLAN_VERSION}); upgrade graphprune")
+        check_version(data, PLAN_VERSION, "plan")
         try:
             groups = [PlanGroup(**g) for g in data["groups"]]
             fields = {k: v for k, v in data.items() if k != "groups"}
-            return cls(groups=groups, **fields)
+            plan = cls(groups=groups, **fields)
         except (KeyError, TypeError) as exc:
             raise LoadError(f"corrupt plan: {exc}") from exc
+        # a saved folder's plan is never replayed through check(): bad indices would be used as they are
+        for g in plan.groups:
+            if not isinstance(g.name, str) or not isinstance(g.size, int) or isinstance(g.size, bool) or g.size < 1:
+                raise LoadError(f"corrupt plan: group {g.name!r} needs a name and a unit count >= 1 (size {g.size!r})")
+            problem = keep_problem(g.keep, g.size)
+            if problem:
+                raise LoadError(f"corrupt plan: group {g.name!r} has invalid kept indices ({problem})")
+        return plan
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(Path(path), self.to_json())
@@ -123,7 +131,30 @@ class PruningPlan:
             raise LoadError(f"no plan at {path}") from exc
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise LoadError(f"corrupt plan file {path}: {exc}") from exc
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except LoadError as exc:  # say which file
+            raise LoadError(f"{path}: {exc}") from exc
+
+
+def check_version(data: dict, newest: int, what: str) -> None:
+    """``data['version']`` (absent: 0) must be an integer this graphprune reads; a LoadError naming ``what`` otherwise."""
+    version = data.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise LoadError(f"{what}: 'version' must be an integer, got {version!r}")
+    if version > newest:
+        raise LoadError(f"{what} has format version {version}, newer than this graphprune ({newest}); upgrade graphprune")
+
+
+def keep_problem(keep, size: int) -> str | None:
+    """Why ``keep`` is not a list of distinct unit indices in ``[0, size)``; None when it is."""
+    if not isinstance(keep, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
+        return f"not a list of integers: {str(keep)[:80]}"  # floats would be truncated to other units
+    if len(set(keep)) != len(keep):
+        return "duplicates"
+    if keep and (min(keep) < 0 or max(keep) >= size):
+        return f"out of [0, {size})"
+    return None
 
 
 def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
@@ -291,6 +322,10 @@ def make_plan(
     if allocation not in ("uniform", "global"):
         raise PlanError(f"allocation must be 'uniform' or 'global', got {allocation!r}")
     round_to = rounding(round_to)
+    if not isinstance(min_keep, int) or isinstance(min_keep, bool) or min_keep < 1:
+        raise PlanError(f"min_keep must be an integer >= 1 (a group keeping no unit is invalid), got {min_keep!r}")
+    kinds = (kinds,) if isinstance(kinds, str) else kinds  # "heads" is one kind, not five letters
+    ignore = (ignore,) if isinstance(ignore, str) else ignore
     groups = select_groups(dg.groups, kinds, ignore)
     for g in groups:
         if g.name not in scores:

@@ -44,6 +44,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 0 or self.grad_accum < 1:
             raise GraphpruneError(f"steps must be >= 0 and grad_accum >= 1 (got {self.steps}, {self.grad_accum})")
+        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not math.isfinite(self.lr) or self.lr < 0:
+            raise GraphpruneError(f"lr must be a finite number >= 0, got {self.lr!r}")  # not torch's "Invalid learning rate"
         if self.schedule not in ("cosine", "linear", "constant"):
             raise GraphpruneError(f"schedule must be cosine, linear or constant, not {self.schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16"):

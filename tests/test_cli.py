@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +123,15 @@ def _bad_arguments(tmp: Path) -> list[tuple[list[str], str]]:
         (["compile", s, "--out", str(tmp), "--finetune-data", str(tmp / "missing.json")], "no such file"),
         (["compile", s, "--out", str(tmp), "--plan", str(PLUGIN), "--kinds", "heads"], "--kinds has no effect"),
         (["eval", s, "--ppl", "bogus"], "not a bundled corpus"),
+        (["compile", s, "--out", str(_user_folder(tmp))], "not a folder saved by graphprune"),  # before compiling
     ]
+
+
+def _user_folder(tmp: Path) -> Path:
+    folder = tmp.with_name(tmp.name + "-notes")  # beside tmp, which the other cases use as --out
+    folder.mkdir(exist_ok=True)
+    (folder / "notes.txt").write_text("mine")
+    return folder
 
 
 def test_bad_arguments_exit_2_with_one_clear_line(tmp_path, capsys):
@@ -154,6 +163,22 @@ def test_plugin_pass_from_the_command_line(tmp_path, capsys, stories_dir):
     result = json.loads(capsys.readouterr().out)
     assert result["report"]["method"] == "l1" and abs(result["report"]["achieved_ratio"] - 0.3) < 0.02
     assert "config.json" not in result["files"] and "widths.png" not in result["files"]
+
+
+def test_a_plan_is_replayed_from_the_command_line(tmp_path, capsys, stories_dir):
+    # made at 0.3, replayed without --ratio: the plan's own ratio, no warning about the default
+    first, again = tmp_path / "a", tmp_path / "b"
+    assert cli.main(["compile", str(stories_dir), "--ratio", "0.3", "--out", str(first), "--no-hf", "--no-plot", "-q"]) == 0
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code = cli.main(["compile", str(stories_dir), "--plan", str(first / "plan.json"), "--out", str(again),
+                         "--no-hf", "--no-plot", "--json", "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((again / "plan.json").read_text())["groups"] == json.loads((first / "plan.json").read_text())["groups"]
+    assert cli.main(["compile", str(stories_dir), "--plan", str(first / "plan.json"), "--ratio", "0.5", "--out",
+                     str(tmp_path / "c")]) == 2
+    assert "--ratio has no effect" in capsys.readouterr().err
 
 
 def test_plugin_module_in_the_current_folder(tmp_path, capsys, monkeypatch):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import corpus_text, load_tokenizer, tokenize
+from ..data import as_tokenizer, check_seq_len, check_size, corpus_text, load_tokenizer, tokenize
 from ..errors import GraphpruneError
 from .runner import LogitsRunner
 
@@ -54,12 +54,9 @@ def resolve_seq_len(runner: LogitsRunner, seq_len: int | str) -> int:
     if seq_len == "long":
         limit = runner.max_length()
         return min(LONG_CONTEXT, limit) if limit else LONG_CONTEXT
-    if not isinstance(seq_len, int) or seq_len < 2:
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
         raise GraphpruneError(f"seq_len must be an integer >= 2 or 'long', got {seq_len!r}")
-    limit = runner.max_length()
-    if limit and seq_len > limit:
-        raise GraphpruneError(f"seq_len={seq_len} is longer than the model's limit of {limit} positions")
-    return seq_len
+    return check_seq_len(seq_len, runner.max_length())
 
 
 def perplexity(
@@ -85,6 +82,8 @@ def perplexity(
     t0 = time.perf_counter()
     runner = LogitsRunner(model)
     seq_len = resolve_seq_len(runner, seq_len)
+    check_size(batch_size, "batch_size")
+    tokenizer = as_tokenizer(tokenizer)  # a path: the tokenizer saved there
     split = split or DEFAULT_SPLIT.get(corpus, "test")
     if ids is None:
         if tokenizer is None:
