@@ -160,13 +160,18 @@ class CompiledModel:
         The cached variant re-traces the dense ``model`` (default: the one given to ``compile``).
         ``options``: ``dtype``, ``external_data``, ``check``, ``optimize``, ``progress`` (see ``graphprune.export_onnx``).
         """
+        from .evaluate.runner import ONNX_FACTS
+
+        # the position limit and vocabulary go into the file, so evaluation and generate can check them
+        config = self.config or {}
+        facts = {name: str(config[key]) for name, key in ONNX_FACTS.items() if isinstance(config.get(key), int)}
         if cache:
             from .kvcache import export_onnx_with_cache
 
-            return export_onnx_with_cache(self, path, model, **options)
+            return export_onnx_with_cache(self, path, model, metadata=facts, **options)
         from .export import export_onnx
 
-        return export_onnx(self, path, **options)
+        return export_onnx(self, path, metadata={**facts, **options.pop("metadata", {})}, **options)
 
     def save(self, directory: str | os.PathLike, *, hf: bool | str = "auto", tokenizer=None, plot: bool = True) -> Path:
         """Write ``model.pt2``, ``plan.json``, ``report.json`` and a manifest; atomically (temp dir + rename).
@@ -503,6 +508,9 @@ def verify(compiled: CompiledModel, trials: int = 3, seed: int = 0, tolerance: f
     check_size(trials, "trials")  # zero trials would report "OK" having compared nothing
     if compiled.dg is None:
         raise GraphpruneError("verify needs the dense model's analysis: call it on the result of compile(), not load()")
+    if getattr(compiled, "finetune_info", None) is not None:  # its weights left the dense ones on purpose
+        raise GraphpruneError("verify compares a pruned model with the dense model it was cut from; a fine-tuned one "
+                              "differs from it by design: verify the model compile() returned, before finetune()")
     groups = [compiled.dg.group(g.name) for g in compiled.plan.groups]
     masked = insert_masks(compiled.dg, groups, weights=compiled.weights)
     masked.set_keep({g.name: g.keep for g in compiled.plan.groups})

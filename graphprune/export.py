@@ -108,7 +108,7 @@ def export_onnx(
     output_names: list[str] | None = None,
     metadata: dict[str, str] | None = None,
     optimize: bool = False,
-    progress: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Export ``model`` to an ONNX file at ``path`` (dynamic batch and sequence) and return the path.
 

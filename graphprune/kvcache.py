@@ -260,7 +260,7 @@ def cached_graph(compiled, model: torch.nn.Module | None = None) -> CachedGraph:
 
 def export_onnx_with_cache(compiled, path: str | os.PathLike, model: torch.nn.Module | None = None, *,
                            dtype="float32", external_data: bool | None = None, check: bool = True,
-                           optimize: bool = False, progress: bool = False) -> Path:
+                           optimize: bool = False, progress: bool = True, metadata: dict | None = None) -> Path:
     """Export the KV-cache variant of ``compiled`` to ONNX (see :func:`graphprune.export_onnx`).
 
     Inputs: ``input_ids`` [batch, seq] and ``past_key_values.{i}.key/value`` [batch, heads_i, past,
@@ -272,7 +272,7 @@ def export_onnx_with_cache(compiled, path: str | os.PathLike, model: torch.nn.Mo
 
     normalize_dtype(dtype)  # fail before the (slow) tracing
     graph = cached_graph(compiled, model)
-    meta = {"graphprune.kv_cache": "1", "graphprune.num_layers": str(graph.layout.num_layers)}
+    meta = {**(metadata or {}), "graphprune.kv_cache": "1", "graphprune.num_layers": str(graph.layout.num_layers)}
     return export_onnx(graph.export_program(), path, example_kwargs=graph.example_kwargs,
                        dynamic_shapes=graph.dynamic_shapes, dtype=dtype, external_data=external_data,
                        check=check, input_names=graph.layout.input_names(),

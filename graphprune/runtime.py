@@ -111,6 +111,17 @@ class OnnxSession:
         return [o.name for o in self.session.get_outputs()]
 
     @property
+    def facts(self) -> dict:
+        """Config entries the export recorded: ``max_position_embeddings``, ``vocab_size`` (when known)."""
+        from .evaluate.runner import onnx_facts
+
+        facts = onnx_facts(self.session)
+        logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
+        if "vocab_size" not in facts and logits is not None and isinstance(logits.shape[-1], int):
+            facts["vocab_size"] = logits.shape[-1]  # a static last dim of the logits is the vocabulary
+        return facts
+
+    @property
     def has_cache(self) -> bool:
         return any(n.startswith("past_key_values.") for n in self.input_types)
 
@@ -190,6 +201,8 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
+        if not self.do_sample:
+            return  # greedy decoding reads none of them (temperature=0 is a common way to say greedy)
         if self.temperature <= 0 or not (0 < self.top_p <= 1) or self.top_k < 0:
             raise GraphpruneError(f"invalid sampling settings {self}: need temperature > 0, 0 < top_p <= 1, top_k >= 0")
 
@@ -236,15 +249,21 @@ def generate(
     a cache is re-run on the whole sequence at each step. ``io_binding`` (default: on CUDA) keeps
     the cache on the device between steps.
     """
+    if isinstance(session, torch.nn.Module) or hasattr(session, "plan"):
+        raise GraphpruneError(f"generate runs an ONNX model, not a {type(session).__name__}: export it first "
+                              "(compiled.export_onnx(path, cache=True)), or use compiled.to_hf().generate(...)")
     if not isinstance(session, OnnxSession):
         session = OnnxSession.open(session)
     if max_new_tokens < 0:
         raise GraphpruneError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    ids = _numpy(input_ids).astype(np.int64)
-    if ids.ndim == 1:
-        ids = ids[None]
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise GraphpruneError(f"input_ids must be [batch, prompt_len] with prompt_len >= 1, got shape {ids.shape}")
+    ids = _prompt_ids(input_ids)
+    facts = session.facts
+    vocab, limit = facts.get("vocab_size"), facts.get("max_position_embeddings")
+    if ids.min() < 0 or (vocab and ids.max() >= vocab):
+        raise GraphpruneError(f"input_ids must lie in the vocabulary [0, {vocab or '?'}), got ids from {ids.min()} to {ids.max()}")
+    if limit and ids.shape[1] + max_new_tokens > limit:
+        raise GraphpruneError(f"a prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                              f"limit of {limit} positions")
     sampling = Sampling(do_sample, temperature, top_k, top_p)
     rng = np.random.default_rng(seed)
     if not session.has_cache:
@@ -268,6 +287,34 @@ def generate(
             break
         logits = steps.step(out[-1])
     return torch.from_numpy(np.concatenate(out, axis=1))
+
+
+def _prompt_ids(input_ids) -> np.ndarray:
+    """[batch, prompt] int64 ids from a tensor, an array, a list of equal-length lists, or a tokenizer's
+    output (whose attention mask must be all ones: generate has no padding mask)."""
+    if hasattr(input_ids, "keys") and "input_ids" in input_ids:  # a BatchEncoding or a dict
+        mask = input_ids.get("attention_mask")
+        if mask is not None and not _numpy(mask).all():
+            raise GraphpruneError("the prompts are padded (the attention mask has zeros), and generate has no padding "
+                                  "mask: give same-length prompts, or use compiled.to_hf().generate(**batch)")
+        input_ids = input_ids["input_ids"]
+    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, np.ndarray, torch.Tensor)):
+        lengths = sorted({len(row) for row in input_ids})
+        if len(lengths) > 1:
+            raise GraphpruneError(f"prompts of different lengths {lengths}: generate has no padding mask; give "
+                                  "same-length prompts (or one at a time)")
+    try:
+        ids = _numpy(input_ids)
+    except (TypeError, ValueError) as exc:
+        raise GraphpruneError(f"input_ids must be token ids [batch, prompt_len], got {type(input_ids).__name__}") from exc
+    if ids.dtype.kind not in "iu":
+        raise GraphpruneError(f"input_ids must be integer token ids, got {ids.dtype}")
+    ids = ids.astype(np.int64)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise GraphpruneError(f"input_ids must be [batch, prompt_len] with prompt_len >= 1, got shape {ids.shape}")
+    return ids
 
 
 class _UncachedSteps:

@@ -47,6 +47,10 @@ def test_finetune_lowers_loss_and_round_trips(stories, tmp_path):
     # inputs untouched
     assert all(torch.equal(dense_state[k], v) for k, v in model.state_dict().items())
     assert all(torch.equal(graph_state[k], v) for k, v in compiled.module.state_dict().items())
+    # verify compares with the dense model: a fine-tuned one differs by design, which it says instead of "MISMATCH"
+    assert graphprune.verify(compiled).ok
+    with pytest.raises(graphprune.GraphpruneError, match="fine-tuned one differs from it by design"):
+        graphprune.verify(tuned)
     # saves and loads like any compiled model
     again = graphprune.load(tuned.save(tmp_path / "tuned", hf=False, plot=False))
     probe = torch.tensor([[1, 403, 407, 261], [1, 300, 301, 302]])

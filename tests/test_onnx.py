@@ -16,6 +16,7 @@ import zoo
 from conftest import analysed, outputs
 
 import graphprune
+from graphprune import runtime
 from graphprune.runtime import CPU, choose_provider
 
 DEFAULT_ARCHS = ["llama_gqa", "gpt2", "phi3"]  # KV-cache tests; parity runs on the first two by default
@@ -190,6 +191,39 @@ def test_io_binding_and_sampling(exports):
     assert stopped.shape[1] <= 7 and int(stopped[0, -1]) == eos
 
 
+def test_generate_checks_its_inputs(exports):
+    sess = session(str(exports("llama_gqa", "kv")))
+    vocab, limit = zoo._vocab_size("llama_gqa"), 128
+    assert sess.facts == {"max_position_embeddings": limit, "vocab_size": vocab}  # recorded by the export
+    prompt = _ids("llama_gqa", 2, 5, seed=4)
+    greedy = graphprune.generate(sess, prompt, 4)
+    assert torch.equal(graphprune.generate(sess, prompt, 4, temperature=0), greedy)  # greedy reads no temperature
+    ones = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}  # a tokenizer's output, unpadded
+    assert torch.equal(graphprune.generate(sess, ones, 4), greedy)
+    bad = [
+        (compiled("llama_gqa"), prompt, 4, "runs an ONNX model, not a CompiledModel"),
+        (sess, {"input_ids": prompt, "attention_mask": torch.tensor([[0, 1, 1, 1, 1], [1] * 5])}, 4, "padded"),
+        (sess, [[1, 2, 3], [1, 2]], 4, r"different lengths \[2, 3\]"),
+        (sess, torch.tensor([[1, vocab]]), 4, "vocabulary"),
+        (sess, torch.tensor([[1, -3]]), 4, "vocabulary"),
+        (sess, torch.rand(2, 3), 4, "integer token ids"),
+        (sess, prompt, limit - 4, "limit of 128 positions"),
+    ]
+    for target, ids, n, words in bad:
+        with pytest.raises(graphprune.GraphpruneError, match=words):
+            graphprune.generate(target, ids, n)
+
+
+def test_evaluation_reads_an_exports_limit_and_runs_a_cached_export(exports):
+    from graphprune.evaluate import LogitsRunner
+
+    plain, cached = session(str(exports("llama_gqa"))), session(str(exports("llama_gqa", "kv")))
+    assert LogitsRunner(plain).max_length() == LogitsRunner(cached).max_length() == 128
+    ids = _ids("llama_gqa", 2, 9)
+    # a KV-cache export is evaluated as its own prefill, with an empty past: the same logits
+    assert np.abs(LogitsRunner(cached)(ids).numpy() - LogitsRunner(plain)(ids).numpy()).max() < 1e-4
+
+
 # ================================================================ errors, fallbacks
 @torch.library.custom_op("graphprune_test::scramble", mutates_args=())
 def scramble(x: torch.Tensor) -> torch.Tensor:
@@ -252,6 +286,7 @@ def test_provider_choice_is_reported(capsys, exports):
     assert why
     with pytest.raises(graphprune.GraphpruneError, match="NoSuchExecutionProvider"):
         choose_provider("NoSuchExecutionProvider")
+    runtime._ANNOUNCED.clear()  # said once per process: another test may have opened one already
     graphprune.OnnxSession.open(exports("gpt2"))
     assert f"on {provider}" in capsys.readouterr().err
 

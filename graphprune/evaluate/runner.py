@@ -21,6 +21,19 @@ def _is_ort_session(obj) -> bool:
     return hasattr(obj, "get_inputs") and hasattr(obj, "run") and hasattr(obj, "get_outputs")
 
 
+# what graphprune's ONNX export records about the model (an ONNX file has no config.json)
+ONNX_FACTS = {"graphprune.max_positions": "max_position_embeddings", "graphprune.vocab_size": "vocab_size"}
+
+
+def onnx_facts(session) -> dict:
+    """The config entries an exported model carries in its metadata (position limit, vocabulary)."""
+    try:
+        meta = session.get_modelmeta().custom_metadata_map
+    except Exception:  # not an onnxruntime session, or one without metadata
+        return {}
+    return {key: int(meta[name]) for name, key in ONNX_FACTS.items() if str(meta.get(name, "")).isdigit()}
+
+
 def _model_config(model) -> dict:
     config = getattr(model, "config", None)
     if isinstance(config, dict):
@@ -40,8 +53,9 @@ class LogitsRunner:
         self.device = torch.device("cpu")
         session = getattr(model, "session", None)
         if _is_ort_session(model) or _is_ort_session(session):
-            self._call = self._ort_caller(model if _is_ort_session(model) else session)
-            self.config = _model_config(model)
+            ort_session = model if _is_ort_session(model) else session
+            self._call = self._ort_caller(ort_session)
+            self.config = _model_config(model) or onnx_facts(ort_session)
             return
         module = getattr(model, "module", None)
         if module is not None and hasattr(model, "plan") and isinstance(module, torch.nn.Module):
@@ -79,9 +93,15 @@ class LogitsRunner:
                 elif "mask" in i.name:
                     dtype = np.bool_ if "bool" in i.type else np.int64
                     feed[i.name] = np.ones(tuple(ids.shape), dtype=dtype)
+                elif i.name.startswith("past_key_values."):  # a KV-cache export: an empty past, as its prefill
+                    shape = [ids.shape[0] if n == 0 else (d if isinstance(d, int) else 0) for n, d in enumerate(i.shape)]
+                    feed[i.name] = np.zeros(shape, dtype=np.float16 if "float16" in i.type else np.float32)
                 else:
                     raise GraphpruneError(f"the ONNX session needs an input {i.name!r} that evaluation cannot make")
-            return torch.from_numpy(np.asarray(session.run(None, feed)[0]))
+            return torch.from_numpy(np.asarray(session.run([logits_name], feed)[0]))
+
+        outputs = [o.name for o in session.get_outputs()]
+        logits_name = "logits" if "logits" in outputs else outputs[0]
 
         return call
 
