@@ -242,9 +242,13 @@ def generate(
 ) -> torch.Tensor:
     """Continue ``input_ids`` [batch, prompt] by up to ``max_new_tokens`` tokens; returns [batch, prompt + new].
 
+    ``input_ids``: a tensor or array, a list of equal-length lists, or a tokenizer's output without
+    padding. All prompts in a batch have the same length (there is no padding mask: padded or ragged
+    prompts are refused). Ids outside the vocabulary, and a prompt + ``max_new_tokens`` longer than
+    the model's positions, are refused when the export recorded them (``OnnxSession.facts``).
     Greedy by default; ``do_sample=True`` samples with ``temperature``, ``top_k``, ``top_p`` (seeded
     by ``seed``). Rows that produced ``eos_token_id`` are padded with it; generation stops when
-    every row has. All prompts in a batch have the same length (no padding mask). A model exported
+    every row has. A model exported
     with ``cache=True`` decodes incrementally (prefill once, then one token per step); one without
     a cache is re-run on the whole sequence at each step. ``io_binding`` (default: on CUDA) keeps
     the cache on the device between steps.
