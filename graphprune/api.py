@@ -160,18 +160,13 @@ class CompiledModel:
         The cached variant re-traces the dense ``model`` (default: the one given to ``compile``).
         ``options``: ``dtype``, ``external_data``, ``check``, ``optimize``, ``progress`` (see ``graphprune.export_onnx``).
         """
-        from .evaluate.runner import ONNX_FACTS
-
-        # the position limit and vocabulary go into the file, so evaluation and generate can check them
-        config = self.config or {}
-        facts = {name: str(config[key]) for name, key in ONNX_FACTS.items() if isinstance(config.get(key), int)}
         if cache:
             from .kvcache import export_onnx_with_cache
 
-            return export_onnx_with_cache(self, path, model, metadata=facts, **options)
+            return export_onnx_with_cache(self, path, model, **options)
         from .export import export_onnx
 
-        return export_onnx(self, path, metadata={**facts, **options.pop("metadata", {})}, **options)
+        return export_onnx(self, path, **options)
 
     def save(self, directory: str | os.PathLike, *, hf: bool | str = "auto", tokenizer=None, plot: bool = True) -> Path:
         """Write ``model.pt2``, ``plan.json``, ``report.json`` and a manifest; atomically (temp dir + rename).
@@ -235,6 +230,8 @@ class CompiledModel:
         manifest["pytree_modules"] = io.pytree_modules(program)
         manifest["files"] = io.file_sizes(tmp)
         manifest["sha256"] = io.file_digests(tmp)  # sizes miss a same-size corruption
+        manifest["dynamic_dims"] = {name: sorted(dims) for name, dims in (self.dynamic_shapes or {}).items()
+                                    if isinstance(dims, dict)}  # which dims may vary (a plain module may fix dim 1)
         atomic_write_text(tmp / "graphprune.json", json.dumps(manifest, indent=1, default=str))
         usual_modes(tmp)
 
@@ -366,7 +363,7 @@ def compile(
     tokens drawn with ``seed``; text is tokenized with ``tokenizer`` (default: the model's own,
     from the local folder it was loaded from). The caller's model is never modified.
     """
-    from .data import check_seq_len, check_size, check_token_ids, model_limits, window_width
+    from .data import check_seq_len, check_size, check_text_source, check_token_ids, model_limits, window_width
 
     if isinstance(plan, (str, os.PathLike)):
         plan = PruningPlan.load(plan)
@@ -377,9 +374,8 @@ def compile(
     if plan is None:
         ratio = check_ratio(0.5 if ratio is None else ratio)
     else:
-        # The plan already says what is removed, so another ratio cannot apply. A warning rather
-        # than an error: the CLI passes its --ratio default (0.5) along with --plan, and replaying a
-        # plan made at another ratio must keep working there; a caller who gave a ratio still hears.
+        # The plan already says what is removed, so another ratio cannot apply: a warning (the
+        # result is still what the caller asked to replay), not an error.
         if ratio is not None and not math.isclose(check_ratio(ratio), plan.ratio):
             warnings.warn(f"graphprune: ratio={ratio} is ignored: plan= replays a plan made at ratio {plan.ratio}, "
                           "which already says what is removed", stacklevel=2)
@@ -396,13 +392,14 @@ def compile(
     ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
     check_size(n_samples, "n_samples")
     check_seq_len(seq_len)
-    uses_calib = plan is None and getattr(scorer_cls, "needs_calibration", False)
-    if calib is not None and not uses_calib:  # a bad path or a forgotten method= must not pass unnoticed
-        why = ("plan= replays a plan without scoring" if plan is not None else
-               f"method {method if isinstance(method, str) else method.name!r} uses no calibration data")
-        shown = calib if isinstance(calib, (str, os.PathLike)) else type(calib).__name__
-        warnings.warn(f"graphprune: calib={shown!r} is ignored: {why}", stacklevel=2)
-    elif calib is not None:  # before tracing: the windows must fit the model (not torch.export's guard)
+    if calib is not None and plan is not None:  # nothing is scored: a calib given anyway is a mistake to hear of
+        warnings.warn("graphprune: calib= is ignored: plan= replays a plan without scoring", stacklevel=2)
+    elif calib is not None:
+        # before tracing: a missing file, windows longer than the model's positions (torch.export's
+        # guard otherwise) or ids outside its vocabulary. Every pass gets calib (a plugin may read it
+        # without declaring needs_calibration), so it is checked whatever the method.
+        if isinstance(calib, (str, os.PathLike)):
+            check_text_source(str(calib))
         limit, vocab = model_limits(model)
         check_seq_len(window_width(calib, seq_len), limit)
         check_token_ids(calib, vocab)

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (written atomically; replaced if it exists)")
     c.add_argument("--ratio", type=_ratio, default=None,
                    help="fraction of transformer-block parameters removed, in [0, 1) (default 0.5; with --plan: the plan's)")
-    c.add_argument("--method", "-m", default="magnitude", help="scoring pass (see 'graphprune methods'; default magnitude)")
+    c.add_argument("--method", "-m", default=None, help="scoring pass (see 'graphprune methods'; default magnitude)")
     c.add_argument("--calib", metavar="DATA", help="calibration text for data-driven methods: wikitext2, ptb, tinystories "
                                                   "or a .txt/.txt.gz file (default wikitext2 when the method needs data)")
     c.add_argument("--n-samples", type=_positive, default=16, help="calibration windows (default 16)")
@@ -310,11 +310,14 @@ def _check_source(path: str) -> None:
 
 def _check_text(name: str | None, flag: str) -> None:
     """A corpus name or a file; anything else is a bad argument (exit 2), found before any work."""
-    from .data import CORPORA
+    from .data import check_text_source
+    from .errors import GraphpruneError
 
-    if name is not None and name not in CORPORA and not Path(name).is_file():
-        what = "no such file" if Path(name).suffix or os.sep in name else "not a bundled corpus, nor a file"
-        raise UsageError(f"{flag} {name!r}: {what} (bundled corpora: {', '.join(CORPORA)})")
+    if name is not None:
+        try:
+            check_text_source(name)
+        except GraphpruneError as exc:
+            raise UsageError(f"{flag}: {exc}") from None
 
 
 def _check_kinds(kinds: list[str] | None) -> None:
@@ -327,16 +330,12 @@ def _check_kinds(kinds: list[str] | None) -> None:
 
 def _check_plan_replay(args) -> None:
     """With --plan nothing is scored: options that only steer scoring would be silently ignored."""
-    steering = {"--ratio": args.ratio is not None, "--kinds": args.kinds, "--allocation": args.allocation, "--ignore": args.ignore,
+    steering = {"--ratio": args.ratio is not None, "--method": args.method is not None, "--kinds": args.kinds, "--allocation": args.allocation, "--ignore": args.ignore,
                 "--option": args.option, "--round-to": args.round_to != 1,
                 "--protect-layers": args.protect_layers != (0, 0)}
     given = [flag for flag, value in steering.items() if value]
     if args.plan and given:
         raise UsageError(f"--plan replays a saved plan, which already says what is removed; {given[0]} has no effect with it")
-
-
-def _is_instruction_file(name: str | None) -> bool:
-    return name is not None and name.endswith((".json", ".json.gz")) and Path(name).is_file()
 
 
 def _pass_class(method: str):
@@ -359,8 +358,6 @@ def _feature(module: str, what: str):
 
 # ================================================================ compile
 def cmd_compile(args) -> int:
-    import dataclasses
-
     from . import api
     from .errors import GraphpruneError
     from .io import check_save_target, load_model
@@ -372,23 +369,20 @@ def cmd_compile(args) -> int:
         check_save_target(Path(args.out))
     except GraphpruneError as exc:
         raise UsageError(f"--out: {exc}") from None
-    scorer = _pass_class(args.method)
+    _check_plan_replay(args)
+    method = args.method or "magnitude"
+    scorer = _pass_class(method)
     options = dict(args.option)
-    valid = {f.name for f in dataclasses.fields(scorer.Config)}
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise UsageError(f"--option {unknown[0]}: method {args.method!r} has no such option; its options are {sorted(valid) or 'none'}")
     try:
-        check_options(scorer, options)
+        check_options(scorer, options)  # names and types, as compile() would check them
     except GraphpruneError as exc:
         raise UsageError(f"--option: {exc}") from None
     _check_kinds(args.kinds)
-    _check_plan_replay(args)
     _check_text(args.calib, "--calib")
-    _check_text(args.finetune_data if not _is_instruction_file(args.finetune_data) else None, "--finetune-data")
+    _check_text(args.finetune_data, "--finetune-data")
     if args.plan and not Path(args.plan).is_file():
         raise UsageError(f"--plan {args.plan}: no such file")
-    calib = args.calib
+    calib = args.calib  # also the default fine-tuning text
     if calib is None and getattr(scorer, "needs_calibration", False) and not args.plan:
         calib = "wikitext2"
     if args.finetune_steps:
@@ -404,13 +398,13 @@ def cmd_compile(args) -> int:
     seconds["load"] = time.perf_counter() - t0
     plan = PruningPlan.load(args.plan) if args.plan else None
     compiled = api.compile(
-        model, args.ratio, args.method, kinds=tuple(args.kinds) if args.kinds else None,  # None: the method's own default kinds
+        model, args.ratio, method, kinds=tuple(args.kinds) if args.kinds else None,  # None: the method's own default kinds
         allocation=args.allocation, round_to=args.round_to, ignore=tuple(args.ignore),
-        protect_layers=args.protect_layers, calib=calib,
+        protect_layers=args.protect_layers, calib=None if args.plan else calib,  # a replay scores nothing
         tokenizer=tokenizer, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, plan=plan,
         example_kwargs=loaded.example_kwargs, strict=args.strict, progress=_progress(args), **options,
     )
-    result: dict = {"model": str(args.model), "out": str(args.out), "method": args.method, "calib": calib}
+    result: dict = {"model": str(args.model), "out": str(args.out), "method": method, "calib": calib}
     if args.verify:
         t = time.perf_counter()
         check = api.verify(compiled)

@@ -82,6 +82,14 @@ def corpus_text(name: str, split: str = "test") -> str:
                           "(text itself goes in a list of strings)")
 
 
+def check_text_source(name: str) -> str:
+    """A bundled corpus name or an existing file (text or instruction JSON), else the error
+    :func:`corpus_text` would give, raised before any work."""
+    if name not in CORPORA and not _is_file(name):
+        corpus_text(name)  # raises, saying "no such text file" for a path, "unknown corpus" for a name
+    return name
+
+
 def _is_file(name: str) -> bool:
     try:
         return Path(name).is_file()

@@ -31,6 +31,7 @@ import torch
 import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
+from .evaluate.runner import onnx_metadata
 from .errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,8 @@ def export_onnx(
         names = output_names if output_names is not None else _default_output_names(program)
         onnx_program = _convert(program, kwargs, input_names, names)
         name_dims(onnx_program.model, program, shapes)
+        # the position limit and vocabulary go into the file, so evaluation and generate can check them
+        metadata = {**onnx_metadata(model), **(metadata or {})}
         if metadata:
             onnx_program.model.metadata_props.update({str(k): str(v) for k, v in metadata.items()})
         bar.update(1)

@@ -38,7 +38,8 @@ HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model
 CHECKED_SUFFIXES = (".pt2", ".safetensors")  # binary files whose size and SHA-256 the manifest records
 MANIFEST = "graphprune.json"
 # manifest entries load reads, with the JSON type each must have (absent is fine: older manifests)
-MANIFEST_TYPES = {"files": dict, "sha256": dict, "pytree_modules": list, "example_kwargs": dict, "config": (dict, type(None))}
+MANIFEST_TYPES = {"files": dict, "sha256": dict, "pytree_modules": list, "example_kwargs": dict, "config": (dict, type(None)),
+                  "dynamic_dims": dict}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -413,7 +414,8 @@ def check_saved_files(folder: Path, manifest: dict) -> None:
         if actual != size:
             raise LoadError(f"{path} is corrupt or truncated: {actual:,} bytes where the manifest says {size:,}; copy the folder again")
     for name, digest in (manifest.get("sha256") or {}).items():
-        check_digest(folder / name, digest)
+        if not name.endswith(".safetensors"):  # the checkpoint's own are load_hf's: load never reads it
+            check_digest(folder / name, digest)
 
 
 def check_digest(path: Path, digest: str | None) -> None:
@@ -442,6 +444,11 @@ def after_load(compiled, folder: Path, manifest: dict) -> None:
     """Dynamic batch/sequence for re-export, and evaluation pointed at the folder's tokenizer."""
     if compiled.dynamic_shapes is None and compiled.example_kwargs:
         compiled.dynamic_shapes = dynamic_shapes_for(compiled.example_kwargs, compiled.config)
+        dims = manifest.get("dynamic_dims")  # a trace that kept only the batch dynamic (see graphprune.trace)
+        if isinstance(dims, dict):
+            compiled.dynamic_shapes = {name: ({d: v for d, v in shape.items() if str(d) in map(str, dims.get(name, []))}
+                                              if isinstance(shape, dict) else shape)
+                                       for name, shape in compiled.dynamic_shapes.items()}
     if _has_tokenizer(folder):
         compiled.config = {**(compiled.config or {}), "_name_or_path": str(folder)}
 
@@ -490,7 +497,7 @@ def to_hf(compiled, check: bool = True) -> torch.nn.Module:
             small._graphprune_record_reason = why
         return small
     if compiled.path is not None and has_hf_checkpoint(compiled.path):
-        return load_hf(compiled.path, verify=False)  # graphprune.load checked the folder's files
+        return load_hf(compiled.path)  # its weights' digests are checked here: load reads only model.pt2
     raise GraphpruneError(
         "no module-level model to build: this CompiledModel was loaded from a folder without a Hugging Face "
         "checkpoint (save it from a compile of a Hugging Face model)"
@@ -515,8 +522,11 @@ def config_falls_short(cls, small: torch.nn.Module) -> str | None:
     except Exception as exc:
         first = " ".join(str(exc).split())[:200] or type(exc).__name__
         return f"{type(config).__name__} rejects the pruned widths ({first})"
-    if shapes != {n: tuple(p.shape) for n, p in small.state_dict().items()}:
-        return "the widths differ by layer (a config has one width per kind)"
+    mine_shapes = {n: tuple(p.shape) for n, p in small.state_dict().items()}
+    if shapes != mine_shapes:
+        name = next((n for n in mine_shapes if shapes.get(n) != mine_shapes[n]), None)
+        example = f"{name}: the config gives {shapes.get(name)}, the pruned model has {mine_shapes[name]}" if name else ""
+        return f"a model built from the pruned config has other shapes (per-layer widths, or widths its config class cannot express; {example})"
     mine = module_numbers(small)
     odd = sorted(k for k, v in mine.items() if k in numbers and numbers[k] != v)
     if odd:
@@ -639,7 +649,7 @@ def load_hf(folder: str | os.PathLike, dtype=None, *, verify: bool = True) -> to
     given the recorded module numbers and filled from the safetensors file. A checkpoint whose weights do not fit its config (another
     model's weights), a cut file or a record of a newer format fails with a :class:`LoadError`.
     In a folder saved by graphprune, the weights must also match the SHA-256 in its graphprune.json
-    (``verify=False``: the caller checked them already).
+    (``verify=False`` skips that check, e.g. for weights fine-tuned and saved there on purpose).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -268,11 +268,14 @@ def export_onnx_with_cache(compiled, path: str | os.PathLike, model: torch.nn.Mo
     passes a past of length 0; each decoding step passes the previous step's presents. Dynamic dims
     are named ``batch``, ``sequence``, ``past_sequence`` and ``total_sequence`` (past + sequence).
     """
-    from .export import export_onnx, normalize_dtype
+    from .evaluate.runner import onnx_metadata
+    from .export import check_target, export_onnx, normalize_dtype
 
     normalize_dtype(dtype)  # fail before the (slow) tracing
+    check_target(Path(path))
     graph = cached_graph(compiled, model)
-    meta = {**(metadata or {}), "graphprune.kv_cache": "1", "graphprune.num_layers": str(graph.layout.num_layers)}
+    meta = {**onnx_metadata(compiled), **(metadata or {}),
+            "graphprune.kv_cache": "1", "graphprune.num_layers": str(graph.layout.num_layers)}
     return export_onnx(graph.export_program(), path, example_kwargs=graph.example_kwargs,
                        dynamic_shapes=graph.dynamic_shapes, dtype=dtype, external_data=external_data,
                        check=check, input_names=graph.layout.input_names(),

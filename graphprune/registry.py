@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import numbers
 import types
 import typing
 from dataclasses import dataclass
@@ -88,10 +89,10 @@ def _fits(value, hint) -> bool:
         return value in args
     if hint is type(None):
         return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # NumPy scalars and one-element tensors too (a sweep over np.arange)
+        return _number(value, numbers.Real)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return _number(value, numbers.Integral)
     if origin in (tuple, list, collections.abc.Sequence) or hint in (tuple, list):
         return isinstance(value, (tuple, list))  # JSON (the command line) has no tuples
     if origin in (dict, collections.abc.Mapping) or hint is dict:
@@ -101,6 +102,14 @@ def _fits(value, hint) -> bool:
     if isinstance(hint, type):
         return isinstance(value, hint)
     return True  # a hint this check does not understand: the pass's own checks decide
+
+
+def _number(value, kind) -> bool:
+    if isinstance(value, bool):
+        return False
+    if hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1:  # a tensor
+        value = value.item()
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def _type_text(hint) -> str:

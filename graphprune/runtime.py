@@ -311,14 +311,13 @@ def _prompt_ids(input_ids) -> np.ndarray:
         ids = _numpy(input_ids)
     except (TypeError, ValueError) as exc:
         raise GraphpruneError(f"input_ids must be token ids [batch, prompt_len], got {type(input_ids).__name__}") from exc
-    if ids.dtype.kind not in "iu":
-        raise GraphpruneError(f"input_ids must be integer token ids, got {ids.dtype}")
-    ids = ids.astype(np.int64)
     if ids.ndim == 1:
         ids = ids[None]
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise GraphpruneError(f"input_ids must be [batch, prompt_len] with prompt_len >= 1, got shape {ids.shape}")
-    return ids
+    if ids.ndim != 2 or ids.size == 0:
+        raise GraphpruneError(f"input_ids must be [batch, prompt_len] with batch, prompt_len >= 1, got shape {ids.shape}")
+    if ids.dtype.kind not in "iu":
+        raise GraphpruneError(f"input_ids must be integer token ids, got {ids.dtype}")
+    return ids.astype(np.int64)
 
 
 class _UncachedSteps:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -69,6 +70,12 @@ def dynamic_shapes_for(example_kwargs: dict, config: dict | None) -> dict:
     return shapes
 
 
+def _pins_sequence(exc: Exception) -> bool:
+    """torch.export's verdict that the dim we marked as the sequence cannot vary."""
+    text = str(exc)  # a guard such as seq > 4 (shape-dependent control flow) is no reason to fix the length
+    return "Constraints violated (seq)" in text and "specialized it to be a constant" in text
+
+
 def batch_only(shapes: dict) -> dict:
     """The same dynamic shapes with every dim but the batch (dim 0) static."""
     return {name: ({0: dims[0]} if dims and 0 in dims else dims) for name, dims in shapes.items()}
@@ -121,13 +128,17 @@ def trace(
     try:
         try:
             program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
-        except Exception:
-            # dim 1 of a module we know nothing about may be features, not a sequence (an MLP
-            # over [batch, features]): then only the batch can vary
-            if dynamic_shapes is not None or is_hf_model(model) or shapes == batch_only(shapes):
+        except Exception as exc:
+            # dim 1 of a module we know nothing about may be features, not a sequence (an MLP over
+            # [batch, features]): torch.export then finds it fixed, and only the batch can vary
+            if (dynamic_shapes is not None or is_hf_model(model) or shapes == batch_only(shapes)
+                    or not _pins_sequence(exc)):
                 raise
             shapes = batch_only(shapes)
             program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+            fixed = {n: tuple(v.shape[1:]) for n, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() >= 2}
+            warnings.warn(f"graphprune: {type(model).__name__} fixes dim 1 of its inputs ({fixed}): traced with "
+                          "only the batch dynamic, so other lengths there will not run", stacklevel=2)
     except Exception as exc:  # torch.export raises many types; all mean "not traceable"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(

@@ -77,16 +77,38 @@ class FeatureMLP(nn.Module):
 def test_a_module_whose_dim_1_is_features_compiles_with_only_the_batch_dynamic(tmp_path):
     model = FeatureMLP().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    small = graphprune.compile(model, ratio=0.5, example_inputs=(torch.randn(2, 12),), progress=False)
+    with pytest.warns(UserWarning, match=r"fixes dim 1 of its inputs \(\{'x': \(12,\)\}\)"):
+        small = graphprune.compile(model, ratio=0.5, example_inputs=(torch.randn(2, 12),), progress=False)
     assert small.dynamic_shapes["x"] == {0: small.dynamic_shapes["x"][0]}  # the batch only
     assert small.module.up.weight.shape[0] < 32 and graphprune.verify(small).ok
     assert small(x=torch.randn(5, 12)).shape == (5, 3)  # another batch size
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    onnx = small.export_onnx(tmp_path / "mlp.onnx", progress=False)
+    again = graphprune.load(small.save(tmp_path / "mlp", plot=False))  # the fixed dim survives a save
+    assert list(again.dynamic_shapes["x"]) == [0]
+    onnx = again.export_onnx(tmp_path / "mlp.onnx", progress=False)
     session = graphprune.OnnxSession.open(onnx, quiet=True)
     x = torch.randn(7, 12)
     (got,) = session(x=x).values()
     assert got.shape == (7, 3) and abs(got - small(x=x).detach().numpy()).max() < 1e-5
+
+
+class LengthBranch(nn.Module):
+    """Shape-dependent control flow on the sequence: a guard, not a fixed length."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(32, 8), nn.Linear(8, 32)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        if input_ids.shape[1] > 4:
+            x = x * 2
+        return self.head(x)
+
+
+def test_only_a_fixed_dim_1_falls_back_to_a_dynamic_batch():
+    with pytest.raises(graphprune.TraceError, match="could not trace LengthBranch"):
+        graphprune.trace(LengthBranch(), example_inputs=(torch.randint(0, 32, (2, 8)),))
 
 
 def test_load_errors(tmp_path):

@@ -193,9 +193,10 @@ def test_a_ratio_other_than_the_replayed_plans_warns(stories):
         graphprune.compile(model, 0.3, plan=compiled.plan, progress=False)  # the same ratio
 
 
-def test_calibration_data_a_method_does_not_use_warns(stories):
+def test_calibration_data_is_checked_whatever_the_method_and_a_replay_warns(stories):
     model, _, compiled = stories
-    with pytest.warns(UserWarning, match="magnitude.* uses no calibration data"):
+    # magnitude reads none, but a plugin pass may read calib without declaring it: a bad path is an error for all
+    with pytest.raises(graphprune.GraphpruneError, match="no such text file: /missing.txt"):
         graphprune.compile(model, 0.3, calib="/missing.txt", progress=False)
     with pytest.warns(UserWarning, match="replays a plan"):
         graphprune.compile(model, plan=compiled.plan, calib="wikitext2", progress=False)

@@ -107,7 +107,7 @@ def _bad_arguments(tmp: Path) -> list[tuple[list[str], str]]:
         (["compile", s, "--out", str(tmp), "--ratio", "abc"], "--ratio"),
         (["compile", str(tmp / "missing"), "--out", str(tmp)], "no such file"),
         (["compile", s, "--out", str(tmp), "--method", "nope"], "unknown --method"),
-        (["compile", s, "--out", str(tmp), "-O", "nope=1"], "no such option"),
+        (["compile", s, "--out", str(tmp), "-O", "nope=1"], "has no option 'nope'"),
         (["compile", s, "--out", str(tmp), "--plugin", str(tmp / "missing.py")], "no such file"),
         (["compile", s, "--out", str(tmp), "--protect-layers", "4"], "--protect-layers"),
         (["compile", s, "--out", str(tmp), "--protect-layers", "4,-1"], "--protect-layers"),
@@ -118,11 +118,11 @@ def _bad_arguments(tmp: Path) -> list[tuple[list[str], str]]:
         (["export", s], "--onnx"),
         (["compile", s, "--out", str(tmp), "-O", "p=abc"], "should be a number"),   # a wrong type, not a TypeError
         (["compile", s, "--out", str(tmp), "--kinds", "channels,bogus"], "unknown kind 'bogus'"),
-        (["compile", s, "--out", str(tmp), "--calib", str(tmp / "missing.txt")], "no such file"),
-        (["compile", s, "--out", str(tmp), "--calib", "wikitext3"], "not a bundled corpus"),
-        (["compile", s, "--out", str(tmp), "--finetune-data", str(tmp / "missing.json")], "no such file"),
+        (["compile", s, "--out", str(tmp), "--calib", str(tmp / "missing.txt")], "no such text file"),
+        (["compile", s, "--out", str(tmp), "--calib", "wikitext3"], "unknown corpus 'wikitext3'"),
+        (["compile", s, "--out", str(tmp), "--finetune-data", str(tmp / "missing.json")], "no such text file"),
         (["compile", s, "--out", str(tmp), "--plan", str(PLUGIN), "--kinds", "heads"], "--kinds has no effect"),
-        (["eval", s, "--ppl", "bogus"], "not a bundled corpus"),
+        (["eval", s, "--ppl", "bogus"], "unknown corpus 'bogus'"),
         (["compile", s, "--out", str(_user_folder(tmp))], "not a folder saved by graphprune"),  # before compiling
     ]
 
@@ -176,9 +176,20 @@ def test_a_plan_is_replayed_from_the_command_line(tmp_path, capsys, stories_dir)
                          "--no-hf", "--no-plot", "--json", "-q"])
     assert code == 0, capsys.readouterr().err
     assert json.loads((again / "plan.json").read_text())["groups"] == json.loads((first / "plan.json").read_text())["groups"]
-    assert cli.main(["compile", str(stories_dir), "--plan", str(first / "plan.json"), "--ratio", "0.5", "--out",
-                     str(tmp_path / "c")]) == 2
-    assert "--ratio has no effect" in capsys.readouterr().err
+    for flag in (["--ratio", "0.5"], ["--method", "taylor"]):
+        assert cli.main(["compile", str(stories_dir), "--plan", str(first / "plan.json"), *flag, "--out",
+                         str(tmp_path / "c")]) == 2
+        assert f"{flag[0]} has no effect" in capsys.readouterr().err
+
+
+def test_calib_is_the_finetuning_text_without_a_warning(tmp_path, capsys, stories_dir):
+    # magnitude reads no calibration data, but --calib is also the default recovery text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code = cli.main(["compile", str(stories_dir), "--ratio", "0.3", "--calib", "tinystories", "--finetune-steps", "1",
+                         "--out", str(tmp_path / "f"), "--no-hf", "--no-plot", "--json", "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["finetune"]["data"] == "tinystories"
 
 
 def test_plugin_module_in_the_current_folder(tmp_path, capsys, monkeypatch):

@@ -207,6 +207,8 @@ def test_generate_checks_its_inputs(exports):
         (sess, torch.tensor([[1, vocab]]), 4, "vocabulary"),
         (sess, torch.tensor([[1, -3]]), 4, "vocabulary"),
         (sess, torch.rand(2, 3), 4, "integer token ids"),
+        (sess, torch.zeros(0, 3, dtype=torch.long), 4, "batch, prompt_len >= 1"),
+        (sess, [], 4, "batch, prompt_len >= 1"),
         (sess, prompt, limit - 4, "limit of 128 positions"),
     ]
     for target, ids, n, words in bad:
@@ -219,6 +221,8 @@ def test_evaluation_reads_an_exports_limit_and_runs_a_cached_export(exports):
 
     plain, cached = session(str(exports("llama_gqa"))), session(str(exports("llama_gqa", "kv")))
     assert LogitsRunner(plain).max_length() == LogitsRunner(cached).max_length() == 128
+    gpt2 = session(str(exports("gpt2")))  # its config calls the limit n_positions
+    assert LogitsRunner(gpt2).max_length() == analysed("gpt2")[0].config.n_positions
     ids = _ids("llama_gqa", 2, 9)
     # a KV-cache export is evaluated as its own prefill, with an empty past: the same logits
     assert np.abs(LogitsRunner(cached)(ids).numpy() - LogitsRunner(plain)(ids).numpy()).max() < 1e-4

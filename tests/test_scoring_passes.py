@@ -184,6 +184,10 @@ def test_options_of_the_wrong_type_or_name_fail_before_tracing(monkeypatch):
     with pytest.raises(graphprune.GraphpruneError, match=r"init=3 should be str \| None"):
         Bernoulli(init=3)
     assert Bernoulli(lr=1, init=None, keep=None).config.lr == 1  # an int is a number; None where allowed
+    import numpy as np
+
+    assert Bernoulli(lr=np.float32(0.01), steps=np.int64(3)).config.steps == 3  # a sweep over np.arange
+    assert get_pass("magnitude")(p=torch.tensor(1.0)).config.p == 1.0
     # compile checks them before the (slow) trace
     model, _, _ = analysed("llama_gqa")
     monkeypatch.setattr(graphprune.api, "trace", lambda *a, **k: pytest.fail("traced before checking the options"))

@@ -23,6 +23,20 @@ def _is_ort_session(obj) -> bool:
 
 # what graphprune's ONNX export records about the model (an ONNX file has no config.json)
 ONNX_FACTS = {"graphprune.max_positions": "max_position_embeddings", "graphprune.vocab_size": "vocab_size"}
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")  # how configs name the limit
+
+
+def position_limit(config: dict) -> int | None:
+    """The model's number of positions, under whichever name its config uses."""
+    return next((v for v in (config.get(k) for k in POSITION_KEYS) if isinstance(v, int) and v > 0), None)
+
+
+def onnx_metadata(model) -> dict[str, str]:
+    """The entries an ONNX export of ``model`` records (position limit, vocabulary), from its config."""
+    config = _model_config(model)
+    vocab = config.get("vocab_size")
+    facts = {"graphprune.max_positions": position_limit(config), "graphprune.vocab_size": vocab}
+    return {k: str(v) for k, v in facts.items() if isinstance(v, int) and v > 0}
 
 
 def onnx_facts(session) -> dict:
@@ -126,11 +140,8 @@ class LogitsRunner:
 
     # ------------------------------------------------------------ facts
     def max_length(self, default: int | None = None) -> int | None:
-        for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
-            value = self.config.get(key)
-            if isinstance(value, int) and value > 0:
-                return value
-        return default
+        limit = position_limit(self.config)
+        return default if limit is None else limit
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
