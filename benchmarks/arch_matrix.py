@@ -132,15 +132,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _arch(name: str) -> str:
+    if name not in zoo.ALL:
+        raise argparse.ArgumentTypeError(f"unknown architecture {name!r}; choose from {', '.join(sorted(zoo.ALL))}")
+    return name
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--arch", action="append", help="only these zoo names")
+    parser.add_argument("--no-write", action="store_true",
+                        help="print the table only; do not write docs/arch_matrix.md and docs/arch_matrix.json")
+    parser.add_argument("--arch", action="append", type=_arch, metavar="NAME",
+                        help="only this zoo architecture (repeatable); needs --update or --no-write")
     parser.add_argument("--update", action="store_true",
                         help="re-check only the --arch rows and merge them into the existing docs/arch_matrix.json")
     args = parser.parse_args(argv)
     if args.update and not args.arch:
         parser.error("--update needs the rows to re-check (--arch NAME ...)")
+    if args.arch and not args.update and not args.no_write:
+        parser.error("--arch alone would overwrite docs/arch_matrix.md/.json with only these rows; add --update (merge) or --no-write")
     warnings.filterwarnings("ignore")
     rows = []
     for name in args.arch or sorted(zoo.ALL):

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from graphprune.evaluate import LogitsRunner, load_task, score_questions  # noqa: E402
-from graphprune.evaluate.zeroshot import TASKS, encode_pair, loglikelihoods  # noqa: E402
+from graphprune.evaluate.zeroshot import TASK_FORMATS, TASKS, encode_pair, loglikelihoods  # noqa: E402
 from graphprune.io import load_model  # noqa: E402
 
 YAML = """task: gp_{name}
@@ -57,20 +57,48 @@ def write_tasks(folder: Path, tasks, limit: int) -> None:
         (folder / f"gp_{name}.yaml").write_text(YAML.format(name=name, path=data, text=text, target=target))
 
 
+def _model_arg(text: str) -> str:
+    path = Path(text)
+    if not (path.is_dir() or (path.is_file() and path.suffix == ".gguf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Hugging Face folder or a .gguf file")
+    return text
+
+
+def _limit_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _tasks_arg(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASK_FORMATS]
+    if bad or not tasks:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(bad) or repr(text)}; choose from {', '.join(TASK_FORMATS)}")
+    return tasks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(Path(__file__).resolve().parents[2] / "shared/data/models/stories260K"),
+    parser.add_argument("--model", type=_model_arg, default=str(Path(__file__).resolve().parents[2] / "shared/data/models/stories260K"),
                         help="a Hugging Face folder or a .gguf file")
-    parser.add_argument("--limit", type=int, default=50, help="questions per task")
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--limit", type=_limit_arg, default=50, help="questions per task (at least 1)")
+    parser.add_argument("--tasks", type=_tasks_arg, default=list(TASKS), help=f"comma list of {','.join(TASK_FORMATS)} (default: all)")
     parser.add_argument("--add-bos", action="store_true", help="prepend BOS (lm-eval: add_bos_token=True)")
     args = parser.parse_args()
 
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        parser.error(f"lm-eval is not installed ({exc}): pip install lm-eval (e.g. in a venv with --system-site-packages)")
 
-    tasks = args.tasks.split(",")
+    tasks = args.tasks
     loaded = load_model(args.model)  # a Hugging Face folder or a .gguf file
     model, tok = loaded.model, loaded.tokenizer()
     report = {"model": args.model, "limit": args.limit, "add_bos": args.add_bos, "lm_eval": lm_eval.__version__, "tasks": {}}

@@ -5,7 +5,8 @@ dense row; each method at each ratio, without and with LoRA recovery fine-tuning
 for every method, and for the dense model: PAT's comparison). Columns: parameters, WikiText-2 and
 PTB perplexity under LLM-Pruner's 128-token protocol and the long one (1024 or the model's limit),
 7-task zero-shot accuracy and its average, scoring time, fine-tuning time, peak memory.
-Methods not registered (``graphprune.available_passes()``) appear as missing, without numbers.
+Methods of ``METHODS`` not registered (``graphprune.available_passes()``) appear as missing, without
+numbers; a ``--methods`` name that is neither in ``METHODS`` nor a registered pass is rejected (exit 2).
 
 Each (method, ratio) runs in a fresh subprocess, so its peak memory is its own; ``--jobs N`` runs N
 of them at once (each with cores / N torch threads). Each finished case is kept in a cache
@@ -194,7 +195,8 @@ def recipe_note(caps: dict) -> list[str]:
     return [
         f"**Recipe**: every method without kinds of its own removes `{kinds}`"
         + (f"; those with uniform allocation (magnitude, Taylor, LoRAPrune) leave the first and last blocks "
-           f"whole (`protect_layers={protect}`, LLM-Pruner's 4 and 2 of LLaMA-7B's 32)" if protect else "")
+           f"whole (`protect_layers={protect}`, " + ("LLM-Pruner's 4 and 2 of LLaMA-7B's 32)" if protect.replace(" ", "") == "4,2"
+                                                    else "LLM-Pruner's recipe uses 4,2 of LLaMA-7B's 32)") if protect else "")
         + "; HyWIA and Bernoulli rank units across layers."
         + (" PAT removes hidden channels and trains (HSMs + LoRA of the recovery's rank) on the recovery data for "
            "the recovery's steps and batch, so its row without recovery has had the dense LoRA row's budget."
@@ -231,6 +233,36 @@ def method_ratios(methods: str, ratios: list[float]) -> list[tuple[str, float]]:
         except ValueError:
             sys.exit(f"quality.py: --methods takes METHOD or METHOD:RATIO entries, got {entry!r}")
     return list(dict.fromkeys(pairs))
+
+
+def _ratios_arg(text: str) -> list[float]:
+    """``--ratios 0.2,0.5``: parsed (and checked) by argparse, so a typo exits 2 before any model loads."""
+    try:
+        ratios = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a comma list of numbers in (0, 1), got {text!r}") from None
+    if not ratios or not all(0 < r < 1 for r in ratios):
+        raise argparse.ArgumentTypeError(f"takes a comma list of numbers in (0, 1), got {text!r}")
+    return ratios
+
+
+def _methods_arg(text: str) -> str:
+    """``--methods``: each name must be one the benchmark knows (``METHODS``, shown as *missing* when it is
+    not registered yet) or a registered pass; a ratio after ``:`` must be a number in (0, 1)."""
+    import graphprune
+
+    known = {"dense", *METHODS, *graphprune.available_passes()}
+    for entry in filter(None, (m.strip() for m in text.split(","))):
+        method, _, ratio = entry.partition(":")
+        if method not in known:
+            raise argparse.ArgumentTypeError(f"unknown method {method!r}; known: {', '.join(sorted(known))}")
+        try:
+            ok = not ratio or 0 < float(ratio) < 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"takes METHOD or METHOD:RATIO entries with RATIO in (0, 1), got {entry!r}")
+    return text
 
 
 def parse_case(case: str) -> tuple[str, float, int]:
@@ -692,9 +724,9 @@ def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: li
 def main() -> None:
     parser = argparse.ArgumentParser(description="Quality benchmark of graphprune's pruning methods (see the module docstring).")
     parser.add_argument("--model", default=str(SMOLLM2), help="HF folder or .gguf (default: SmolLM2-135M-Instruct Q4_1)")
-    parser.add_argument("--methods", default=",".join(METHODS),
+    parser.add_argument("--methods", default=",".join(METHODS), type=_methods_arg,
                         help="comma list; METHOD:RATIO runs that method at that ratio only instead of every --ratios value")
-    parser.add_argument("--ratios", default=",".join(str(r) for r in RATIOS))
+    parser.add_argument("--ratios", default=list(RATIOS), type=_ratios_arg, help="comma list of ratios in (0, 1) (default 0.2,0.5)")
     parser.add_argument("--quick", action="store_true", help="tiny caps for a smoke test: " + json.dumps(QUICK))
     parser.add_argument("--max-tokens", type=int, help="perplexity: first N tokens of each split (0: the whole split)")
     parser.add_argument("--max-examples", type=int, help="zero-shot: first N questions of each task (0: every question)")
@@ -760,14 +792,14 @@ def main() -> None:
     from graphprune.evaluate.perplexity import LONG_CONTEXT
 
     available = set(graphprune.available_passes())
-    pairs = method_ratios(args.methods, [float(r) for r in args.ratios.split(",") if r])
+    pairs = method_ratios(args.methods, args.ratios)
     try:
         seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
     except ValueError:
         sys.exit(f"quality.py: --seeds takes a comma list of integers, got {args.seeds!r}")
     if not seeds or min(seeds) < 0:
         sys.exit(f"quality.py: --seeds takes a comma list of integers >= 0, got {args.seeds!r}")
-    cases = ["dense"] + [case_name(m, r, s) for m, r in pairs for s in seeds]
+    cases = list(dict.fromkeys(["dense"] + [case_name(m, r, s) for m, r in pairs for s in seeds]))
     out_dir = Path(args.out_dir) if args.out_dir else (Path("/tmp/graphprune-quality") if args.quick else REPO / "docs")
     config = json.loads((Path(args.model) / "config.json").read_text()) if (Path(args.model) / "config.json").exists() else {}
     limit = config.get("max_position_embeddings")

@@ -34,7 +34,8 @@ Usage
 -----
     python benchmarks/scoring_cost.py             # both models, 8 x 128 tokens, batches of 1 and 4, LoRAPrune 8 steps; writes the docs
     python benchmarks/scoring_cost.py --models llama-1b --batch-size 1   # one model: its rows in the docs are replaced
-    python benchmarks/scoring_cost.py --quick     # 4 x 64 tokens, batch 2, LoRAPrune 2 steps; prints, writes nothing
+    python benchmarks/scoring_cost.py --quick     # 4 x 64 tokens, batch 2, LoRAPrune 2 steps, both models; prints, writes nothing
+    python benchmarks/scoring_cost.py --quick --models smollm2   # the same without the 1B-shaped model
     python benchmarks/scoring_cost.py --case taylor   # one method in this process, JSON on stdout
 """
 from __future__ import annotations
@@ -58,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = ("smollm2", "llama-1b")
 MODEL_LABELS = {"smollm2": "SmolLM2-135M-Instruct", "llama-1b": "random-weight Llama-3.2-1B-shaped"}
 JSON_PATH = REPO / "docs" / "scoring_cost.json"
+COMPILE_TIME_JSON = REPO / "docs" / "compile_time.json"  # SmolLM2's block parameter count when no row has it
 SECTION = "## Scoring cost"
 METHODS = ("taylor", "hywia", "loraprune")
 RATIO = 0.5
@@ -112,6 +114,7 @@ def run_case(model_name: str, method: str, n_samples: int, seq_len: int, batch_s
         "peak_reset": resettable,
         "ru_maxrss_mib": round(lifetime_peak_rss_mib(), 1),
         "params": sum(p.numel() for p in model.parameters()),
+        "block_params": dg.param_count(names=dg.block_params()),
         "threads": torch.get_num_threads(),
         "finite": finite,
         "calibration_loss": info.get("calibration_loss"),
@@ -200,22 +203,36 @@ def markdown(cases: list[dict]) -> str:
     if targets:
         lines += [f"Target: LoRAPrune's peak memory <= {TARGET_FRACTION:.0%} of Taylor's.", "",
                   "| LoRAPrune / Taylor | measured | result |", "|---|---|---|", *targets, ""]
-    lines += NOTES
+    lines += notes(cases)
     return "\n".join(lines).rstrip() + "\n"
 
 
-NOTES = [
-    "Notes:", "",
-    "- Memory figures do not depend on the machine's load; times do (read them as upper bounds when the load "
-    "average was above the core count).",
-    "- LoRAPrune's time covers its whole iterative run (fine-tuning and mask updates included); Taylor and HyWIA "
-    "take one backward pass per batch.",
-    "- LoRAPrune avoids exactly one thing Taylor needs: the gradients of the frozen weights. Weights, the traced "
-    "graph and the activations of the backward pass are paid by both. In SmolLM2-135M the block weights' gradients "
-    "(about 413 MiB in float32) are small next to that shared part (about 1 GB before scoring), so the ratio "
-    "cannot reach 60% there; in the 1B-shaped model the weights and their gradients dominate, as in the paper's "
-    "setting (52.6% less than LLM-Pruner on LLaMA-7B).",
-]
+def smollm2_block_params(cases: list[dict]) -> int | None:
+    """SmolLM2's block parameter count: from a measured row, else from ``docs/compile_time.json``."""
+    for c in cases:
+        if c.get("model", "smollm2") == "smollm2" and c.get("block_params"):
+            return c["block_params"]
+    try:
+        return json.loads(COMPILE_TIME_JSON.read_text())["results"]["smollm2"]["block_params_before"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def notes(cases: list[dict]) -> list[str]:
+    block = smollm2_block_params(cases)
+    grads = f" (about {block * 4 / 2**20:.0f} MiB in float32: {block:,} parameters x 4 bytes)" if block else ""
+    return [
+        "Notes:", "",
+        "- Memory figures do not depend on the machine's load; times do (read them as upper bounds when the load "
+        "average was above the core count).",
+        "- LoRAPrune's time covers its whole iterative run (fine-tuning and mask updates included); Taylor and HyWIA "
+        "take one backward pass per batch.",
+        "- LoRAPrune avoids exactly one thing Taylor needs: the gradients of the frozen weights. Weights, the traced "
+        "graph and the activations of the backward pass are paid by both. In SmolLM2-135M the block weights' gradients"
+        f"{grads} are small next to that shared part (about 1 GB before scoring), so the ratio "
+        "cannot reach 60% there; in the 1B-shaped model the weights and their gradients dominate, as in the paper's "
+        "setting (52.6% less than LLM-Pruner on LLaMA-7B).",
+    ]
 
 
 def merged_cases(old: list[dict], new: list[dict]) -> list[dict]:
@@ -236,25 +253,43 @@ def write_docs(new_cases: list[dict]) -> None:
     write_section(markdown(cases))
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small set (4 x 64, batch 2), LoRAPrune 2 steps; writes nothing")
+    ap.add_argument("--quick", action="store_true",
+                    help="small set (4 x 64, batch 2), LoRAPrune 2 steps, both models unless --models smollm2; writes nothing")
     ap.add_argument("--case", choices=METHODS, help="run one method in this process and print JSON")
-    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                    help="default: both (--quick too); --models smollm2 skips the 1B-shaped model")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    ap.add_argument("--n-samples", type=int, default=None)
-    ap.add_argument("--seq-len", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, nargs="+", default=None,
-                    help="samples per backward pass / optimiser step; one table block per value")
-    ap.add_argument("--steps", type=int, default=None, help="LoRAPrune optimiser steps")
-    ap.add_argument("--update-every", type=int, default=None)
+    ap.add_argument("--n-samples", type=_positive_int, default=None, help="calibration windows (default 8; 4 with --quick)")
+    ap.add_argument("--seq-len", type=_positive_int, default=None, help="tokens per window (default 128; 64 with --quick)")
+    ap.add_argument("--batch-size", type=_positive_int, nargs="+", default=None,
+                    help="samples per backward pass / optimiser step; one table block per value (default 1 4; 2 with --quick)")
+    ap.add_argument("--steps", type=_positive_int, default=None, help="LoRAPrune optimiser steps (default 8; 2 with --quick)")
+    ap.add_argument("--update-every", type=_positive_int, default=None,
+                    help="LoRAPrune: update the masks every N steps (default 2; 1 with --quick)")
     ap.add_argument("--no-write", action="store_true", help="print the table but do not write docs")
     args = ap.parse_args()
-    args.n_samples = args.n_samples or (4 if args.quick else 8)
-    args.seq_len = args.seq_len or (64 if args.quick else 128)
-    args.steps = args.steps or (2 if args.quick else 8)
-    args.update_every = args.update_every or (1 if args.quick else 2)
-    args.batch_size = args.batch_size or ([2] if args.quick else [1, 4])
+    if args.n_samples is None:
+        args.n_samples = 4 if args.quick else 8
+    if args.seq_len is None:
+        args.seq_len = 64 if args.quick else 128
+    if args.steps is None:
+        args.steps = 2 if args.quick else 8
+    if args.update_every is None:
+        args.update_every = 1 if args.quick else 2
+    if args.batch_size is None:
+        args.batch_size = [2] if args.quick else [1, 4]
     if not (SMOLLM2_DIR / SMOLLM2_GGUF).exists():  # its tokenizer makes the calibration set of both models
         sys.exit(f"SmolLM2-135M is not downloaded: run {FETCH_SMOLLM2}")
     if args.case:

@@ -9,7 +9,7 @@ run in a fresh subprocess, in the same benchmark run:
 
 * prefill latency (ms): one forward pass over batch 1 x 512 tokens and batch 8 x 128 tokens;
 * decode throughput (tokens/s) with the KV cache, batch 1 and batch 16: prefill a 16-token prompt,
-  then time ``--steps`` single-token steps (greedy); tokens/s = batch x steps / seconds;
+  then time 32 single-token steps (4 with ``--quick``; greedy); tokens/s = batch x steps / seconds;
 * ONNX file size (``.onnx`` + external ``.data``);
 * peak resident memory while measuring each engine (the kernel's RSS high-water mark, reset after
   set-up; it includes the Python interpreter with torch imported).
@@ -46,7 +46,7 @@ from pathlib import Path
 
 from _docs import PERFORMANCE, write_section
 from _memory import peak_rss_mib, reset_peak
-from _models import SMOLLM2_DIR, SMOLLM2_GGUF, build
+from _models import NAMES, SMOLLM2_DIR, SMOLLM2_GGUF, build
 
 REPO = Path(__file__).resolve().parents[1]
 JSON_PATH = REPO / "docs" / "speed.json"
@@ -238,14 +238,39 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _provider(name: str) -> str:
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    if name != "auto" and name not in available:
+        raise argparse.ArgumentTypeError(f"ONNX Runtime has no {name!r} here; choose auto or one of: {', '.join(available)}")
+    return name
+
+
+def _model(name: str) -> str:
+    if name not in NAMES:
+        raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose from {', '.join(NAMES)}")
+    return name
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny Llama, short inputs, 2 repeats; writes nothing")
-    ap.add_argument("--provider", default="auto", help="ONNX Runtime provider (default: CUDA if available, else CPU)")
-    ap.add_argument("--models", nargs="*", help="subset of: smollm2 llama-1b (tiny with --quick)")
+    ap.add_argument("--provider", default="auto", type=_provider, help="ONNX Runtime provider (default: CUDA if available, else CPU)")
+    ap.add_argument("--models", nargs="*", type=_model, help="subset of: smollm2 llama-1b (tiny with --quick)")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=None,
                     help="write docs/speed.json and the Speed section of docs/performance.md (default: yes unless --quick)")
-    ap.add_argument("--repeats", type=int, help="timed runs per measurement (default 5; 2 with --quick)")
+    ap.add_argument("--repeats", type=_positive_int, help="timed runs per measurement (default 5; 2 with --quick)")
     ap.add_argument("--optimize", action="store_true",
                     help="export with ONNX Runtime's fusions (graphprune.export_onnx(optimize=True), kept only with parity)")
     ap.add_argument("--variant", nargs=2, help=argparse.SUPPRESS)
@@ -259,7 +284,7 @@ def main(argv=None) -> None:
         print(json.dumps(run_variant(*args.variant, json.loads(args.settings), provider, Path(args.workdir))))
         return
     settings = dict(QUICK if args.quick else FULL, optimize=args.optimize)
-    if args.repeats:
+    if args.repeats is not None:
         settings["repeats"] = args.repeats
     models = args.models or (["tiny"] if args.quick else ["smollm2", "llama-1b"])
     if "smollm2" in models and not (SMOLLM2_DIR / SMOLLM2_GGUF).exists():

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -38,8 +37,13 @@ VALID_TEXT = "no <unk>"
 
 
 def parse_case(text: str) -> tuple[str, float, dict]:
-    method, ratio, options = text.split(":", 2)
-    return method, float(ratio), json.loads(options)
+    parts = text.split(":", 2)
+    if len(parts) != 3:
+        raise ValueError(f"{len(parts)} ':'-separated part(s), not 3")
+    method, ratio, options = parts[0], float(parts[1]), json.loads(parts[2])
+    if not isinstance(options, dict):
+        raise ValueError(f"the options must be a JSON object, got {type(options).__name__}")
+    return method, ratio, options
 
 
 def case_key(text: str) -> str:
@@ -132,23 +136,28 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _case_arg(text: str) -> str:
+    try:
+        return case_key(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"bad case {text!r} (want method:ratio:options-json): {' '.join(str(e).split())}") from None
+
+
+def _recovery_arg(text: str) -> str:
+    try:
+        return recovery_key(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"bad --recovery {text!r} (want a JSON object of finetune options): "
+                                         f"{' '.join(str(e).split())}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("cases", nargs="+", help="method:ratio:options-json")
-    parser.add_argument("--recovery", action="append", default=[], metavar="JSON",
+    parser.add_argument("cases", nargs="+", type=_case_arg, help="method:ratio:options-json (options: a JSON object)")
+    parser.add_argument("--recovery", action="append", default=[], metavar="JSON", type=_recovery_arg,
                         help="graphprune.finetune options; the case is also measured after this recovery (repeatable)")
     args = parser.parse_args()
-    keys, recoveries = [], []
-    for case in args.cases:
-        try:
-            keys.append(case_key(case))
-        except ValueError as e:
-            sys.exit(f"validation.py: bad case {case!r} (want method:ratio:options-json): {e}")
-    for recovery in args.recovery:
-        try:
-            recoveries.append(recovery_key(recovery))
-        except ValueError as e:
-            sys.exit(f"validation.py: bad --recovery {recovery!r} (want a JSON object of finetune options): {e}")
+    keys, recoveries = args.cases, args.recovery
     from graphprune.plan import atomic_write_text
 
     out_json = DOCS / "validation.json"

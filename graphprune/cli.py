@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="ONNX float type (default float32)")
     x.add_argument("--optimize", action="store_true",
                    help="apply ONNX Runtime's fusions (RMSNorm/LayerNorm, skip+norm, GELU); kept only if outputs match "
-                        "the plain model within 1e-4 (fp32), else the plain model is written with a warning")
+                        "the plain model within max(1e-4, 1e-5 x the largest output) (fp32; float16: 1e-2 of the largest output), "
+                        "else the plain model is written with a warning")
     x.set_defaults(handler=cmd_export)
 
     m = sub.add_parser("methods", parents=[common], help="list the scoring passes and their options",
