@@ -85,6 +85,10 @@ def test_perplexity_errors(stories):
         perplexity(model, tok, text=text, seq_len=128, max_tokens=100, progress=False)
     with pytest.raises(graphprune.GraphpruneError, match="unknown corpus"):
         perplexity(model, tok, "no-such-corpus", progress=False)
+    with pytest.raises(graphprune.GraphpruneError, match="ids: token ids must be an integer tensor"):
+        perplexity(model, tok, ids=torch.rand(600) * 100, progress=False)  # not silently truncated to ids
+    with pytest.raises(graphprune.GraphpruneError, match=r"must lie in the vocabulary \[0, 512\)"):
+        perplexity(model, tok, ids=torch.full((600,), 512), progress=False)
 
 
 # ---------------------------------------------------------------- zero-shot

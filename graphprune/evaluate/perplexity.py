@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import as_tokenizer, check_seq_len, check_size, corpus_text, load_tokenizer, tokenize
+from ..data import as_tokenizer, check_seq_len, check_size, check_token_ids, corpus_text, load_tokenizer, tokenize
 from ..errors import GraphpruneError
 from .runner import LogitsRunner
 
@@ -89,7 +89,9 @@ def perplexity(
         if tokenizer is None:
             tokenizer = load_tokenizer(model if isinstance(model, torch.nn.Module) else _name_or_path(runner))
         ids = tokenize(text if text is not None else corpus_text(corpus, split), tokenizer)
-    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    ids = torch.as_tensor(ids)
+    check_token_ids(ids, runner.config.get("vocab_size"), "ids")  # a float tensor must not be truncated to ids
+    ids = ids.long().flatten()
     available = ids.numel()
     if max_tokens is not None:
         if max_tokens < seq_len:
