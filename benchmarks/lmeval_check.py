@@ -20,6 +20,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from _args import positive_int  # noqa: E402
 from graphprune.evaluate import LogitsRunner, load_task, score_questions  # noqa: E402
 from graphprune.evaluate.zeroshot import TASK_FORMATS, TASKS, encode_pair, loglikelihoods  # noqa: E402
 from graphprune.io import load_model  # noqa: E402
@@ -64,16 +65,6 @@ def _model_arg(text: str) -> str:
     return text
 
 
-def _limit_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _tasks_arg(text: str) -> list[str]:
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASK_FORMATS]
@@ -86,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=_model_arg, default=str(Path(__file__).resolve().parents[2] / "shared/data/models/stories260K"),
                         help="a Hugging Face folder or a .gguf file")
-    parser.add_argument("--limit", type=_limit_arg, default=50, help="questions per task (at least 1)")
+    parser.add_argument("--limit", type=positive_int, default=50, help="questions per task (at least 1)")
     parser.add_argument("--tasks", type=_tasks_arg, default=list(TASKS), help=f"comma list of {','.join(TASK_FORMATS)} (default: all)")
     parser.add_argument("--add-bos", action="store_true", help="prepend BOS (lm-eval: add_bos_token=True)")
     args = parser.parse_args()

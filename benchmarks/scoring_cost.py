@@ -51,6 +51,7 @@ import sys
 import time
 from pathlib import Path
 
+from _args import positive_int
 from _docs import PERFORMANCE, write_section
 from _memory import lifetime_peak_rss_mib, peak_rss_mib, release_free_heap, reset_peak, rss_mib
 from _models import FETCH_SMOLLM2, SMOLLM2_DIR, SMOLLM2_GGUF, build
@@ -253,16 +254,6 @@ def write_docs(new_cases: list[dict]) -> None:
     write_section(markdown(cases))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
@@ -271,12 +262,12 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                     help="default: both (--quick too); --models smollm2 skips the 1B-shaped model")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    ap.add_argument("--n-samples", type=_positive_int, default=None, help="calibration windows (default 8; 4 with --quick)")
-    ap.add_argument("--seq-len", type=_positive_int, default=None, help="tokens per window (default 128; 64 with --quick)")
-    ap.add_argument("--batch-size", type=_positive_int, nargs="+", default=None,
+    ap.add_argument("--n-samples", type=positive_int, default=None, help="calibration windows (default 8; 4 with --quick)")
+    ap.add_argument("--seq-len", type=positive_int, default=None, help="tokens per window (default 128; 64 with --quick)")
+    ap.add_argument("--batch-size", type=positive_int, nargs="+", default=None,
                     help="samples per backward pass / optimiser step; one table block per value (default 1 4; 2 with --quick)")
-    ap.add_argument("--steps", type=_positive_int, default=None, help="LoRAPrune optimiser steps (default 8; 2 with --quick)")
-    ap.add_argument("--update-every", type=_positive_int, default=None,
+    ap.add_argument("--steps", type=positive_int, default=None, help="LoRAPrune optimiser steps (default 8; 2 with --quick)")
+    ap.add_argument("--update-every", type=positive_int, default=None,
                     help="LoRAPrune: update the masks every N steps (default 2; 1 with --quick)")
     ap.add_argument("--no-write", action="store_true", help="print the table but do not write docs")
     args = ap.parse_args()

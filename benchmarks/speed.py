@@ -44,6 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _args import positive_int
 from _docs import PERFORMANCE, write_section
 from _memory import peak_rss_mib, reset_peak
 from _models import NAMES, SMOLLM2_DIR, SMOLLM2_GGUF, build
@@ -253,16 +254,6 @@ def _model(name: str) -> str:
     return name
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny Llama, short inputs, 2 repeats; writes nothing")
@@ -270,7 +261,7 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="*", type=_model, help="subset of: smollm2 llama-1b (tiny with --quick)")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=None,
                     help="write docs/speed.json and the Speed section of docs/performance.md (default: yes unless --quick)")
-    ap.add_argument("--repeats", type=_positive_int, help="timed runs per measurement (default 5; 2 with --quick)")
+    ap.add_argument("--repeats", type=positive_int, help="timed runs per measurement (default 5; 2 with --quick)")
     ap.add_argument("--optimize", action="store_true",
                     help="export with ONNX Runtime's fusions (graphprune.export_onnx(optimize=True), kept only with parity)")
     ap.add_argument("--variant", nargs=2, help=argparse.SUPPRESS)
