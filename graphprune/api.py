@@ -4,7 +4,6 @@ Also ``load`` (a saved compiled model) and ``verify`` (pruned graph == masked de
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import os
@@ -22,7 +21,7 @@ import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
 from .analysis import DEFAULT_KINDS, DependencyGraph, analyze
-from .analysis.groups import block_of, end_block_patterns, select_groups
+from .analysis.groups import as_names, block_of, end_block_patterns, ignored_by, select_groups
 from .errors import ExportError, GraphpruneError, LoadError, PlanError
 from .flops import count_flops, flops_tokens
 from .masking import insert_masks
@@ -238,9 +237,9 @@ class CompiledModel:
 
 def _warn_unmatched(ignore, dg: DependencyGraph) -> None:
     """A pattern that protects nothing is most likely a typo in a module name: say so."""
-    names = {n for g in dg.groups for m in g.members for n in (m.param, m.param.rsplit(".", 1)[0])}
+    params = {m.param for g in dg.groups for m in g.members}
     for pattern in ignore:
-        if not any(fnmatch.fnmatch(n, pattern) for n in names):
+        if not any(ignored_by(p, pattern) for p in params):
             example = dg.groups[0].members[0].param.rsplit(".", 1)[0] if dg.groups else ""
             warnings.warn(f"graphprune: ignore pattern {pattern!r} matches no parameter or module of a prunable group "
                           f"(names look like {example!r}); it protects nothing", stacklevel=3)
@@ -388,8 +387,7 @@ def compile(
         allocation = getattr(scorer_cls, "default_allocation", "uniform")
     if kinds is None:  # the method's own (PAT prunes the hidden size), else heads and channels
         kinds = getattr(scorer_cls, "default_kinds", DEFAULT_KINDS)
-    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)  # "heads" is one kind, not five letters
-    ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
+    kinds, ignore = as_names(kinds), as_names(ignore)
     check_size(n_samples, "n_samples")
     check_seq_len(seq_len)
     if calib is not None and plan is not None:  # nothing is scored: a calib given anyway is a mistake to hear of

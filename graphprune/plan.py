@@ -324,8 +324,6 @@ def make_plan(
     round_to = rounding(round_to)
     if not isinstance(min_keep, int) or isinstance(min_keep, bool) or min_keep < 1:
         raise PlanError(f"min_keep must be an integer >= 1 (a group keeping no unit is invalid), got {min_keep!r}")
-    kinds = (kinds,) if isinstance(kinds, str) else kinds  # "heads" is one kind, not five letters
-    ignore = (ignore,) if isinstance(ignore, str) else ignore
     groups = select_groups(dg.groups, kinds, ignore)
     for g in groups:
         if g.name not in scores:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .analysis import DEFAULT_KINDS, DependencyGraph, Group
-from .analysis.groups import select_groups
+from .analysis.groups import as_names, select_groups
 from .analysis.walk import fetch_attr
 from .errors import GraphpruneError
 from .registry import ScoringPass, get_pass
@@ -216,7 +216,7 @@ def score(
         )
     ctx = ScoringContext(
         dg, select_groups(dg.groups, kinds, ignore), calib, progress, tokenizer=tokenizer, n_samples=n_samples,
-        seq_len=seq_len, seed=seed, example_kwargs=example_kwargs, ratio=ratio, kinds=tuple(kinds), ignore=tuple(ignore),
+        seq_len=seq_len, seed=seed, example_kwargs=example_kwargs, ratio=ratio, kinds=as_names(kinds), ignore=as_names(ignore),
         allocation=allocation or getattr(scorer, "default_allocation", "uniform"), round_to=round_to,
     )
     scores = scorer.score(ctx)

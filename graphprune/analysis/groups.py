@@ -208,8 +208,19 @@ def end_block_patterns(groups: list[Group], first: int, last: int) -> list[str]:
     return patterns
 
 
+def as_names(value) -> tuple[str, ...]:
+    """``kinds`` / ``ignore`` as a tuple: one string is one name ("heads", not five letters)."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def ignored_by(param: str, pattern: str) -> bool:
+    """Whether an ``ignore`` pattern protects ``param``: it matches the parameter or its module."""
+    return fnmatch.fnmatch(param, pattern) or fnmatch.fnmatch(param.rsplit(".", 1)[0], pattern)
+
+
 def select_groups(groups: list[Group], kinds=DEFAULT_KINDS, ignore=()) -> list[Group]:
     """Groups of the wanted kinds whose members touch no ignored module."""
+    kinds, ignore = as_names(kinds), as_names(ignore)
     unknown = set(kinds) - set(ALL_KINDS)
     if unknown:
         from ..errors import PlanError
@@ -219,7 +230,7 @@ def select_groups(groups: list[Group], kinds=DEFAULT_KINDS, ignore=()) -> list[G
     for g in groups:
         if g.kind not in kinds:
             continue
-        if any(fnmatch.fnmatch(m.param, pat) or fnmatch.fnmatch(m.param.rsplit(".", 1)[0], pat) for m in g.members for pat in ignore):
+        if any(ignored_by(m.param, pat) for m in g.members for pat in ignore):
             continue
         out.append(g)
     return out
