@@ -322,11 +322,13 @@ def _check_text(name: str | None, flag: str) -> None:
 
 
 def _check_kinds(kinds: list[str] | None) -> None:
-    from .analysis import ALL_KINDS
+    from .analysis.groups import check_kinds
+    from .errors import GraphpruneError
 
-    bad = [k for k in kinds or [] if k not in ALL_KINDS]
-    if bad:
-        raise UsageError(f"--kinds: unknown kind {bad[0]!r}; choose from {', '.join(ALL_KINDS)}")
+    try:
+        check_kinds(kinds or ())
+    except GraphpruneError as exc:
+        raise UsageError(f"--kinds: {exc}") from None
 
 
 def _check_plan_replay(args) -> None:

@@ -213,6 +213,18 @@ def as_names(value) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def check_kinds(kinds) -> tuple[str, ...]:
+    """``kinds`` as a tuple of known kinds; a PlanError naming the unknown ones."""
+    kinds = as_names(kinds)
+    unknown = [k for k in kinds if k not in ALL_KINDS]
+    if unknown:
+        from ..errors import PlanError
+
+        raise PlanError(f"unknown kind{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                        f"choose from {', '.join(ALL_KINDS)}")
+    return kinds
+
+
 def ignored_by(param: str, pattern: str) -> bool:
     """Whether an ``ignore`` pattern protects ``param``: it matches the parameter or its module."""
     return fnmatch.fnmatch(param, pattern) or fnmatch.fnmatch(param.rsplit(".", 1)[0], pattern)
@@ -220,12 +232,7 @@ def ignored_by(param: str, pattern: str) -> bool:
 
 def select_groups(groups: list[Group], kinds=DEFAULT_KINDS, ignore=()) -> list[Group]:
     """Groups of the wanted kinds whose members touch no ignored module."""
-    kinds, ignore = as_names(kinds), as_names(ignore)
-    unknown = set(kinds) - set(ALL_KINDS)
-    if unknown:
-        from ..errors import PlanError
-
-        raise PlanError(f"unknown group kinds {sorted(unknown)}; choose from {list(ALL_KINDS)}")
+    kinds, ignore = check_kinds(kinds), as_names(ignore)
     out = []
     for g in groups:
         if g.kind not in kinds:
