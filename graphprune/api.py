@@ -362,7 +362,7 @@ def compile(
     tokens drawn with ``seed``; text is tokenized with ``tokenizer`` (default: the model's own,
     from the local folder it was loaded from). The caller's model is never modified.
     """
-    from .data import check_seq_len, check_size, check_text_source, check_token_ids, model_limits, window_width
+    from .data import check_fits, check_seq_len, check_size, check_text_source
 
     if isinstance(plan, (str, os.PathLike)):
         plan = PruningPlan.load(plan)
@@ -398,9 +398,7 @@ def compile(
         # without declaring needs_calibration), so it is checked whatever the method.
         if isinstance(calib, (str, os.PathLike)):
             check_text_source(str(calib))
-        limit, vocab = model_limits(model)
-        check_seq_len(window_width(calib, seq_len), limit)
-        check_token_ids(calib, vocab)
+        check_fits(model, calib, seq_len, "calib")
         tokenizer = as_tokenizer(tokenizer)  # a path: the tokenizer saved there
         if tokenizer is None and not isinstance(calib, torch.Tensor) and not hasattr(calib, "input_ids"):
             tokenizer = load_tokenizer(model)  # text calibration data: the model's own tokenizer

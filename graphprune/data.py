@@ -218,6 +218,14 @@ def check_token_ids(ids, vocab: int | None = None, what: str = "calib"):
     return ids
 
 
+def check_fits(model, data, seq_len: int, what: str) -> None:
+    """Before any tokenizing or tracing: ``data``'s windows fit the model's positions and its ids
+    its vocabulary (for compile's calibration and finetune's training text alike)."""
+    limit, vocab = model_limits(model)
+    check_seq_len(window_width(data, seq_len), limit)
+    check_token_ids(data, vocab, what)
+
+
 def _windows(stream: torch.Tensor, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
     if stream.numel() < seq_len + 1:
         raise GraphpruneError(f"calibration text has {stream.numel()} tokens, fewer than seq_len={seq_len}")

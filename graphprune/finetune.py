@@ -232,7 +232,7 @@ def finetune(
     Returns a new ``CompiledModel`` (the input is not modified) whose ``report.seconds["finetune"]``
     and ``report.scoring["finetune"]`` record the run; ``.finetune_info`` holds the loss curve.
     """
-    from .data import as_tokenizer, check_seq_len, check_size, check_token_ids, load_tokenizer, model_limits, window_width
+    from .data import as_tokenizer, check_fits, check_seq_len, check_size, load_tokenizer
 
     if backend not in ("auto", "peft", "graph"):
         raise GraphpruneError(f"backend must be 'auto', 'peft' or 'graph', got {backend!r}")
@@ -245,9 +245,7 @@ def finetune(
     check_size(batch_size, "batch_size")
     check_size(lora_r, "lora_r")
     check_seq_len(seq_len)
-    limit, vocab = model_limits(model)
-    check_seq_len(window_width(data, seq_len), limit)
-    check_token_ids(data, vocab, "data")
+    check_fits(model, data, seq_len, "data")
     train_config = TrainConfig(steps=steps, lr=lr, grad_accum=grad_accum, warmup_steps=warmup_steps, schedule=schedule,
                                precision=precision, seed=seed, progress=progress, desc="finetune", checkpoint_dir=checkpoint_dir)
     tokenizer = as_tokenizer(tokenizer)
