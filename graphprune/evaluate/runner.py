@@ -34,9 +34,8 @@ def position_limit(config: dict) -> int | None:
 def onnx_metadata(model) -> dict[str, str]:
     """The entries an ONNX export of ``model`` records (position limit, vocabulary), from its config."""
     config = _model_config(model)
-    vocab = config.get("vocab_size")
-    facts = {"graphprune.max_positions": position_limit(config), "graphprune.vocab_size": vocab}
-    return {k: str(v) for k, v in facts.items() if isinstance(v, int) and v > 0}
+    values = {**config, "max_position_embeddings": position_limit(config)}  # the limit under any config name
+    return {name: str(values[key]) for name, key in ONNX_FACTS.items() if isinstance(values.get(key), int) and values[key] > 0}
 
 
 def onnx_facts(session) -> dict:
