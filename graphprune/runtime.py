@@ -253,6 +253,8 @@ def generate(
     a cache is re-run on the whole sequence at each step. ``io_binding`` (default: on CUDA) keeps
     the cache on the device between steps.
     """
+    from .data import check_token_ids
+
     if isinstance(session, torch.nn.Module) or hasattr(session, "plan"):
         raise GraphpruneError(f"generate runs an ONNX model, not a {type(session).__name__}: export it first "
                               "(compiled.export_onnx(path, cache=True)), or use compiled.to_hf().generate(...)")
@@ -263,8 +265,7 @@ def generate(
     ids = _prompt_ids(input_ids)
     facts = session.facts
     vocab, limit = facts.get("vocab_size"), facts.get("max_position_embeddings")
-    if ids.min() < 0 or (vocab and ids.max() >= vocab):
-        raise GraphpruneError(f"input_ids must lie in the vocabulary [0, {vocab or '?'}), got ids from {ids.min()} to {ids.max()}")
+    check_token_ids(torch.from_numpy(ids), vocab, "input_ids")
     if limit and ids.shape[1] + max_new_tokens > limit:
         raise GraphpruneError(f"a prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
                               f"limit of {limit} positions")
