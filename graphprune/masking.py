@@ -5,6 +5,11 @@ After every value whose dimension contains a masked group, a ``mul`` by that gro
 the "masked dense model" that a pruned model must equal exactly; with soft or sampled masks it
 is what learned-mask methods train. Masks live in buffers ``_graphprune_mask_<i>`` (one per
 group, float, shape ``[units]``) that callers can overwrite between calls.
+
+Experts are masked where the router chooses, not where values flow: a removed expert is one the
+router never picks, so the scores entering the first softmax/top-k over the experts get
+``+ log(mask)`` (``-inf`` for a 0: never chosen; a soft mask scales that expert's share before the
+shares are renormalised). Multiplying its weights by 0 would still let it take tokens' places.
 """
 from __future__ import annotations
 
@@ -83,18 +88,17 @@ def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None, weights
         with graph.inserting_before(first):
             ones = graph.call_function(aten.ones.default, ([1],), {"device": _device(gm)})
             padded[leaf] = graph.call_function(aten.cat.default, ([m, ones],))
-    axis_mask_cache: dict[int, fx.Node] = {}
+    routed = {leaf for r in dg.walk.routes for leaf in table.leaves(r.axis)} & leaves
+    axis_mask_cache: dict[tuple[int, bool], fx.Node] = {}
     n_const = 0
 
-    def axis_mask(axis: int) -> fx.Node | None:
+    def axis_mask(axis: int, at_route: bool = False) -> fx.Node | None:
+        """The mask over the positions of ``axis``: its multiplied leaves, or (``at_route``) its routed ones."""
         nonlocal n_const
         root = table.find(axis)
-        if root in axis_mask_cache:
-            return axis_mask_cache[root]
-        mine = [leaf for leaf in table.leaves(root) if leaf in leaves]
-        if not mine:
-            axis_mask_cache[root] = None
-            return None
+        if (root, at_route) in axis_mask_cache:
+            return axis_mask_cache[root, at_route]
+        mine = [leaf for leaf in table.leaves(root) if leaf in leaves and (leaf in routed) == at_route]
         node = None
         for leaf in mine:
             coords = table.coordinate(root, leaf)
@@ -105,8 +109,14 @@ def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None, weights
             with graph.inserting_before(first):
                 picked = graph.call_function(aten.index_select.default, (padded[leaf], 0, graph.get_attr(cname)))
             node = picked if node is None else _mul_first(graph, first, node, picked)
-        axis_mask_cache[root] = node
+        axis_mask_cache[root, at_route] = node
         return node
+
+    nodes = {n.name: n for n in graph.nodes}
+    for r in dg.walk.routes:
+        m = axis_mask(r.axis, at_route=True) if r.gate else None
+        if m is not None:
+            _gate_scores(graph, nodes[r.node], r.dim, m)
 
     by_name = dg.axes_by_name()
     for node in list(graph.nodes):
@@ -142,6 +152,20 @@ def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None, weights
     graph.lint()
     gm.recompile()
     return MaskedModel(gm, list(groups), buffers)
+
+
+def _gate_scores(graph: fx.Graph, node: fx.Node, dim: int, mask: fx.Node) -> None:
+    """``node`` (a routing softmax/top-k) reads ``scores + log(mask)`` along ``dim``: ``-inf`` where 0."""
+    scores = node.args[0]
+    shape = [1] * tensor_meta(scores).dim()
+    shape[dim] = -1
+    with graph.inserting_before(node):
+        m = graph.call_function(aten.type_as.default, (graph.call_function(aten.view.default, (mask, shape)), scores))
+        # clamp: log(0) would give an inf whose gradient through the unused where() branch is nan
+        logm = graph.call_function(aten.log.default, (graph.call_function(aten.clamp_min.default, (m, 1e-30)),))
+        live = graph.call_function(aten.ne.Scalar, (m, 0))
+        gated = graph.call_function(aten.where.ScalarOther, (live, graph.call_function(aten.add.Tensor, (scores, logm)), float("-inf")))
+    node.replace_input_with(scores, gated)
 
 
 def _mul_first(graph: fx.Graph, first: fx.Node, a: fx.Node, b: fx.Node) -> fx.Node:

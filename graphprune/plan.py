@@ -86,6 +86,9 @@ class PruningPlan:
                 raise PlanError(f"plan group {pg.name!r} has {pg.size} units, the model has {g.size}")
             if not pg.keep:
                 raise PlanError(f"plan group {pg.name!r} keeps no unit; at least one must stay")
+            if len(pg.keep) < g.min_units:
+                raise PlanError(f"plan group {pg.name!r} keeps {len(pg.keep)} of its {g.kind}, but the model's router "
+                                f"chooses {g.min_units} of them per token: keep at least {g.min_units}")
             problem = keep_problem(pg.keep, g.size)
             if problem:
                 raise PlanError(f"plan group {pg.name!r} has invalid kept indices ({problem})")
@@ -259,7 +262,7 @@ def _keep_counts(groups, scores, p, allocation, round_to, min_keep) -> dict[str,
     counts = {}
     if allocation == "uniform":
         for g in groups:
-            counts[g.name] = _round_keep(g.size * (1 - p), g.size, round_to.get(g.kind, 1), min_keep)
+            counts[g.name] = _round_keep(g.size * (1 - p), g.size, round_to.get(g.kind, 1), max(min_keep, g.min_units))
         return counts
     # global: within each kind, rank every unit of every layer together
     for kind in {g.kind for g in groups}:
@@ -269,7 +272,7 @@ def _keep_counts(groups, scores, p, allocation, round_to, min_keep) -> dict[str,
         threshold = pooled.sort().values[n_remove - 1] if n_remove > 0 else -math.inf
         for g in mine:
             n_keep = int((scores[g.name].float() > threshold).sum()) if n_remove > 0 else g.size
-            counts[g.name] = _round_keep(n_keep, g.size, round_to.get(g.kind, 1), min_keep)
+            counts[g.name] = _round_keep(n_keep, g.size, round_to.get(g.kind, 1), max(min_keep, g.min_units))
     return counts
 
 
@@ -290,7 +293,7 @@ def _refine_fine_kinds(groups, counts, achieved, ratio, round_to, min_keep) -> d
         out = dict(counts)
         for g in groups:
             if g.kind in fine:
-                out[g.name] = _round_keep(g.size * (1 - q), g.size, round_to.get(g.kind, 1), min_keep)
+                out[g.name] = _round_keep(g.size * (1 - q), g.size, round_to.get(g.kind, 1), max(min_keep, g.min_units))
         return out
 
     lo, hi = 0.0, 1.0

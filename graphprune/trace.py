@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +88,33 @@ def _accepts_use_cache(model: torch.nn.Module) -> bool:
     return "use_cache" in inspect.signature(inner.forward).parameters
 
 
+TRACEABLE_EXPERTS = "batched_mm"
+
+
+@contextmanager
+def traceable_experts(model: torch.nn.Module):
+    """Run mixture-of-experts layers through transformers' ``batched_mm`` kernel while tracing.
+
+    The other kernels do not give a graph the analysis can read: ``grouped_mm`` (the default) is one
+    opaque custom op, which freezes the experts and the hidden size around it, and ``eager`` loops
+    over the experts that routing picked (data-dependent control flow). ``batched_mm`` computes the
+    same function with an index by the router's choice and a batched matmul. The setting of every
+    (sub)model is restored afterwards, so the caller's model is unchanged.
+    """
+    can_set = getattr(model, "_can_set_experts_implementation", None)
+    if not callable(can_set) or not can_set() or getattr(model.config, "_experts_implementation", None) == TRACEABLE_EXPERTS:
+        yield
+        return
+    saved = [(m.config, m.config.__dict__.get("_experts_implementation_internal"))
+             for m in model.modules() if is_hf_model(m)]
+    try:
+        model.set_experts_implementation(TRACEABLE_EXPERTS)
+        yield
+    finally:
+        for config, value in saved:
+            config._experts_implementation_internal = value
+
+
 def trace(
     model: torch.nn.Module,
     example_inputs: tuple | None = None,
@@ -126,19 +154,20 @@ def trace(
     was_training = model.training
     model.eval()
     try:
-        try:
-            program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
-        except Exception as exc:
-            # dim 1 of a module we know nothing about may be features, not a sequence (an MLP over
-            # [batch, features]): torch.export then finds it fixed, and only the batch can vary
-            if (dynamic_shapes is not None or is_hf_model(model) or shapes == batch_only(shapes)
-                    or not _pins_sequence(exc)):
-                raise
-            shapes = batch_only(shapes)
-            program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
-            fixed = {n: tuple(v.shape[1:]) for n, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() >= 2}
-            warnings.warn(f"graphprune: {type(model).__name__} fixes dim 1 of its inputs ({fixed}): traced with "
-                          "only the batch dynamic, so other lengths there will not run", stacklevel=2)
+        with traceable_experts(model):
+            try:
+                program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+            except Exception as exc:
+                # dim 1 of a module we know nothing about may be features, not a sequence (an MLP over
+                # [batch, features]): torch.export then finds it fixed, and only the batch can vary
+                if (dynamic_shapes is not None or is_hf_model(model) or shapes == batch_only(shapes)
+                        or not _pins_sequence(exc)):
+                    raise
+                shapes = batch_only(shapes)
+                program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+                fixed = {n: tuple(v.shape[1:]) for n, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() >= 2}
+                warnings.warn(f"graphprune: {type(model).__name__} fixes dim 1 of its inputs ({fixed}): traced with "
+                              "only the batch dynamic, so other lengths there will not run", stacklevel=2)
     except Exception as exc:  # torch.export raises many types; all mean "not traceable"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(

@@ -25,8 +25,10 @@ def random_plan(dg, kinds, seed: int, keep_prob: float) -> PruningPlan:
     for g in dg.groups:
         if g.kind not in kinds:
             continue
-        keep = (torch.rand(g.size, generator=gen) < keep_prob).nonzero().flatten().tolist()
-        keep = keep or [int(torch.randint(g.size, (1,), generator=gen))]
+        chosen = torch.rand(g.size, generator=gen) < keep_prob
+        if int(chosen.sum()) < g.min_units:  # at least one unit; a router's k experts
+            chosen[torch.randperm(g.size, generator=gen)[: g.min_units]] = True
+        keep = chosen.nonzero().flatten().tolist()
         groups.append(PlanGroup(g.name, g.kind, g.size, keep))
     plan = PruningPlan(fingerprint=dg.fingerprint(), groups=groups)
     fill_counts(plan, dg)

@@ -47,6 +47,7 @@ class AxisTable:
     refinement: dict[int, Refinement] = field(default_factory=dict)  # keyed by root
     frozen: dict[int, str] = field(default_factory=dict)  # keyed by root: reason
     tags: dict[int, set[str]] = field(default_factory=dict)  # keyed by root
+    floors: dict[int, int] = field(default_factory=dict)  # keyed by root: fewest indices that must stay
     graph: nx.MultiGraph = field(default_factory=nx.MultiGraph)
 
     # ---------------------------------------------------------------- basics
@@ -78,6 +79,14 @@ class AxisTable:
     def tags_of(self, a: int) -> set[str]:
         return self.tags.get(self.find(a), set())
 
+    def require(self, a: int, n: int) -> None:
+        """At least ``n`` indices of ``a`` must stay (a top-k over it needs k to choose from)."""
+        root = self.find(a)
+        self.floors[root] = max(self.floors.get(root, 1), int(n))
+
+    def floor(self, a: int) -> int:
+        return self.floors.get(self.find(a), 1)
+
     # ---------------------------------------------------------------- unions
     def union(self, a: int, b: int, why: str) -> None:
         """Declare axes ``a`` and ``b`` equal. Mismatched structure freezes both."""
@@ -95,6 +104,8 @@ class AxisTable:
             self.frozen.setdefault(ra, self.frozen.pop(rb))
         if rb in self.tags:
             self.tags.setdefault(ra, set()).update(self.tags.pop(rb))
+        if rb in self.floors:
+            self.floors[ra] = max(self.floors.get(ra, 1), self.floors.pop(rb))
         if fa is None or fb is None:
             if fa or fb:
                 self.refinement[ra] = fa or fb

@@ -13,6 +13,9 @@ The kind of a group is read from the graph, not from model classes:
 * ``head_dim``: the channels inside a head;
 * ``hidden``: the residual stream (reaches the token embedding, or more than one block);
 * ``lora_rank``: the rank of a peft LoRA adapter (lora_A rows / lora_B columns);
+* ``experts``: the experts of a mixture-of-experts layer: an axis a router's top-k chooses from
+  whose choices index weights (one unit = one router row and one slice of every expert weight);
+  it keeps at least k units;
 * ``channels``: everything else (MLP intermediate channels, expert channels, ...).
 
 Block kinds (:data:`BLOCK_KINDS`) are derived from those: one group per kind whose unit is a whole
@@ -36,7 +39,7 @@ from .axes import AxisTable
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 DEFAULT_KINDS = ("heads", "channels")
 BLOCK_KINDS = ("attn_block", "mlp_block", "layer")
-ALL_KINDS = ("heads", "query_heads", "head_dim", "channels", "hidden", "lora_rank", *BLOCK_KINDS)
+ALL_KINDS = ("heads", "query_heads", "head_dim", "channels", "hidden", "experts", "lora_rank", *BLOCK_KINDS)
 
 
 def block_of(param: str) -> str | None:
@@ -64,6 +67,7 @@ class Group:
     size: int  # number of units
     members: list[Member] = field(default_factory=list)
     units: list[list[int]] | None = None  # block kinds only: per unit, the leaf axes it removes whole
+    min_units: int = 1  # fewest units that must stay (experts: the router's k)
 
     @property
     def blocks(self) -> list[str]:
@@ -102,7 +106,7 @@ def find_groups(
         if not any(n in trainable for n, _ in members):
             continue  # only buffers (rotary tables, ...): follows other groups, never a group itself
         kind = _kind(leaf, members, tags)
-        group = Group(name="", kind=kind, axis=leaf, size=table.size[leaf])
+        group = Group(name="", kind=kind, axis=leaf, size=table.size[leaf], min_units=min(table.floor(leaf), table.size[leaf]))
         for name, d in members:
             rest = 1
             for k, n in enumerate(shapes[name]):
@@ -166,7 +170,7 @@ def _kind(leaf, members, tags) -> str:
         return "lora_rank"
     if "embedding" in mine:
         return "hidden"
-    for kind in ("head_dim", "heads", "query_heads"):
+    for kind in ("experts", "head_dim", "heads", "query_heads"):
         if kind in mine:
             return kind
     blocks = {block_of(p) for p, _ in members}

@@ -7,6 +7,11 @@ Each entry is an :class:`OpRule` with two small functions:
 * ``rewrite(ctx, node)`` (optional) updates the node in the pruned graph: size constants in its
   arguments, slice bounds, a reduction's divisor.
 
+Two flags say what an op does with integer tensors holding indices along an axis (the choices of a
+mixture-of-experts router): ``keeps_values`` ops only move such values (view, transpose, ...), and
+``reads_values`` ops use them as indices themselves (advanced indexing). Any other op that meets
+them freezes the axis they index.
+
 Adding support for an op is adding a row (:func:`register_op_rule`). An op with no row freezes
 every channel it touches, and the analysis report names it.
 """
@@ -29,14 +34,17 @@ aten = torch.ops.aten
 class OpRule:
     propagate: Callable[[Walk, fx.Node], object]
     rewrite: Callable[[object, fx.Node], None] | None = None
+    keeps_values: bool = False  # index values in its first input come out unchanged (only moved)
+    reads_values: bool = False  # its propagate handles index values itself (Walk.pick)
 
 
 RULES: dict[str, OpRule] = {}
 
 
-def register_op_rule(names: str | list[str], propagate, rewrite=None) -> OpRule:
+def register_op_rule(names: str | list[str], propagate, rewrite=None, *, keeps_values: bool = False,
+                     reads_values: bool = False) -> OpRule:
     """Register a rule for ops named like ``"aten.add"`` (every overload) or ``"aten.add.Tensor"``."""
-    rule = OpRule(propagate, rewrite)
+    rule = OpRule(propagate, rewrite, keeps_values, reads_values)
     for name in [names] if isinstance(names, str) else names:
         RULES[name] = rule
     return rule
@@ -434,6 +442,32 @@ def along_dim(dim_index: int, default: int = -1):
     return rule
 
 
+def routing(dim_index: int):
+    """softmax / log_softmax / topk over a static axis: mixes values along it, like
+    :func:`along_dim`, unless the result chooses weights by index (mixture-of-experts routing,
+    :meth:`Walk.route`). ``topk``'s indices carry their axis as values; it needs k to choose from."""
+    frozen = along_dim(dim_index)
+
+    def rule(w: Walk, node: fx.Node):
+        src = node.args[0]
+        ax = list(w.of(src))
+        d = arg(node, dim_index, "dim", -1) % len(ax)
+        if not w.is_static(src, d):
+            return frozen(w, node)
+        w.route(node, d, ax[d])
+        val = node.meta.get("val")
+        if not isinstance(val, (tuple, list)):
+            return ax
+        k = int(val[0].shape[d])
+        w.table.require(ax[d], k)
+        values, indices = list(ax), list(ax)
+        values[d] = indices[d] = w.fresh(node, val[0])[d]
+        w.values[node] = [None, ax[d]]
+        return [values, indices]
+
+    return rule
+
+
 def norm(n_weight_args: int):
     """layer_norm(x, shape, weight, bias, eps) / rms_norm(x, shape, weight, eps)."""
 
@@ -455,11 +489,14 @@ def creation(w: Walk, node: fx.Node):
 
 
 def index_tensor(w: Walk, node: fx.Node):
-    """Advanced indexing ``x[..., idx, ...]``: indexed axes are frozen, the others carry over."""
+    """Advanced indexing ``x[..., idx, ...]``: indexed axes are frozen, the others carry over.
+    An axis indexed by routing choices is coupled to the axis they were chosen from instead."""
     src, indices = node.args[0], node.args[1]
     ax = list(w.of(src))
     used = [i for i, t in enumerate(indices) if t is not None]
-    w.freeze([ax[i] for i in used], node, "indexed by a tensor")
+    for i in used:
+        if not w.pick(indices[i], ax[i], node):
+            w.freeze([ax[i]], node, "indexed by a tensor")
     out = w.fresh(node)
     if not used:
         return out
@@ -476,7 +513,8 @@ def index_tensor(w: Walk, node: fx.Node):
 def index_select(w: Walk, node: fx.Node):
     ax = list(w.of(node.args[0]))
     d = node.args[1] % len(ax)
-    w.freeze([ax[d]], node, "indexed by a tensor")
+    if not w.pick(node.args[2], ax[d], node):
+        w.freeze([ax[d]], node, "indexed by a tensor")
     out = list(ax)
     out[d] = w.fresh(node)[d]
     return out
@@ -708,9 +746,9 @@ eq ne lt le gt ge logical_and logical_or logical_not logical_xor bitwise_and bit
 __and__ __or__ __xor__ __invert__ isnan isinf isfinite nan_to_num copysign hypot heaviside threshold
 gelu_ glu_like""".split()
 
-_IDENTITY = """clone contiguous detach alias to _to_copy type_as lift_fresh_copy dropout feature_dropout
-alpha_dropout _assert_tensor_metadata_passthrough zeros_like ones_like empty_like full_like rand_like randn_like
-bernoulli""".split()
+_MOVING = """clone contiguous detach alias to _to_copy lift_fresh_copy _assert_tensor_metadata_passthrough""".split()
+_IDENTITY = """type_as dropout feature_dropout alpha_dropout zeros_like ones_like empty_like full_like rand_like
+randn_like bernoulli""".split()
 
 _IGNORE = """_assert_tensor_metadata _assert_scalar _assert_async sym_constrain_range_for_size
 sym_constrain_range sym_size sym_numel sym_stride sym_storage_offset _local_scalar_dense""".split()
@@ -720,6 +758,8 @@ new_empty tensor arange linspace""".split()
 
 for _name in _ELEMENTWISE:
     register_op_rule([f"aten.{_name}", f"aten.{_name}_"], elementwise)  # in-place variants too
+for _name in _MOVING:
+    register_op_rule(f"aten.{_name}", identity, keeps_values=True)
 for _name in _IDENTITY:
     register_op_rule(f"aten.{_name}", identity)
 for _name in _IGNORE:
@@ -734,15 +774,15 @@ register_op_rule("aten.addmm", addmm)
 register_op_rule(["aten.bmm", "aten.matmul"], matmul)
 register_op_rule("aten.baddbmm", baddbmm)
 register_op_rule("aten.embedding", embedding)
-register_op_rule(["aten.view", "aten.reshape", "aten._unsafe_view", "aten.view_copy"], reshape, rw_size_list(1))
-register_op_rule(["aten.unsqueeze", "aten.squeeze", "aten.flatten", "aten.unflatten"], reshape)
-register_op_rule(["aten.expand", "aten.expand_copy", "aten.broadcast_to"], expand, rw_size_list(1))
-register_op_rule(["aten.transpose", "aten.t", "aten.swapaxes"], transpose)
-register_op_rule("aten.permute", permute)
+register_op_rule(["aten.view", "aten.reshape", "aten._unsafe_view", "aten.view_copy"], reshape, rw_size_list(1), keeps_values=True)
+register_op_rule(["aten.unsqueeze", "aten.squeeze", "aten.flatten", "aten.unflatten"], reshape, keeps_values=True)
+register_op_rule(["aten.expand", "aten.expand_copy", "aten.broadcast_to"], expand, rw_size_list(1), keeps_values=True)
+register_op_rule(["aten.transpose", "aten.t", "aten.swapaxes"], transpose, keeps_values=True)
+register_op_rule("aten.permute", permute, keeps_values=True)
 register_op_rule("aten.numpy_T", numpy_t)
-register_op_rule("aten.slice", slice_, rw_slice)
+register_op_rule("aten.slice", slice_, rw_slice, keeps_values=True)
 register_op_rule("aten.narrow", narrow, rw_narrow)
-register_op_rule("aten.select", select)
+register_op_rule("aten.select", select, keeps_values=True)
 register_op_rule("aten.cat", cat)
 register_op_rule("aten.stack", stack)
 register_op_rule(["aten.split", "aten.split_with_sizes", "aten.chunk", "aten.tensor_split"], split, rw_split)
@@ -753,14 +793,14 @@ register_op_rule("aten.mean", _reduce(freeze=False), rw_mean)
 register_op_rule(["aten.amax", "aten.amin", "aten.max.dim", "aten.min.dim", "aten.argmax", "aten.argmin",
                   "aten.var", "aten.std", "aten.var_mean", "aten.std_mean", "aten.logsumexp", "aten.all",
                   "aten.prod", "aten.linalg_vector_norm", "aten.norm"], _reduce(freeze=True))
-register_op_rule(["aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax", "aten.cumsum",
-                  "aten.cumprod", "aten.logcumsumexp", "aten.diff"], along_dim(1))
-register_op_rule(["aten.topk"], along_dim(2))
+register_op_rule(["aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax"], routing(1))
+register_op_rule(["aten.cumsum", "aten.cumprod", "aten.logcumsumexp", "aten.diff"], along_dim(1))
+register_op_rule(["aten.topk"], routing(2))
 register_op_rule(["aten.sort", "aten.argsort"], along_dim(1))
 register_op_rule("aten.layer_norm", norm(2), rw_layer_norm)
 register_op_rule("aten.rms_norm", norm(1), rw_rms_norm)
-register_op_rule("aten.index.Tensor", index_tensor)
-register_op_rule("aten.index_select", index_select)
+register_op_rule("aten.index.Tensor", index_tensor, reads_values=True)
+register_op_rule("aten.index_select", index_select, reads_values=True)
 register_op_rule("aten.index_add", index_add)
 register_op_rule("aten.index_put", index_put)
 register_op_rule("aten.repeat", repeat, rw_repeat)

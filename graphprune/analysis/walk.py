@@ -46,6 +46,20 @@ def is_tensor_node(x) -> bool:
 
 
 @dataclass
+class RoutePoint:
+    """A softmax or top-k over an axis whose indices choose weights (mixture-of-experts routing).
+
+    Removing index ``u`` of such an axis means "never choose ``u``": the masked dense model gives
+    it a score of ``-inf`` at the first of these ops on the way (see :mod:`graphprune.masking`).
+    """
+
+    node: str
+    dim: int
+    axis: int
+    gate: bool  # the first routing op on its path: the masked model applies the mask here
+
+
+@dataclass
 class Walk:
     """State of one analysis: the axis table and the axes of every value in the graph."""
 
@@ -59,6 +73,11 @@ class Walk:
     unsupported: dict[str, int] = field(default_factory=dict)
     # names of input/output nodes whose static axes stay prunable (KV-cache tensors); others are frozen
     open_nodes: frozenset[str] = frozenset()
+    # integer tensors whose values are indices along an axis (top-k choices): node -> axis, or a
+    # list of axis-or-None for a node with several outputs
+    values: dict[fx.Node, object] = field(default_factory=dict)
+    routes: list[RoutePoint] = field(default_factory=list)
+    _gated: set[fx.Node] = field(default_factory=set)  # values already masked by a routing op upstream
     _symbols: dict[str, int] = field(default_factory=dict)
     _hints: dict = field(default_factory=dict)  # sympy expression -> its integer stand-in
     _by_tensor: dict[int, str] = field(default_factory=dict)  # id(tensor) -> canonical name (ties)
@@ -109,6 +128,48 @@ class Walk:
                 self.frozen_by.append(Frozen(node.name, str(node.target), reason))
             self.table.freeze(a, f"{node.target} ({node.name}): {reason}")
 
+    # ------------------------------------------------------------ routing
+    def route(self, node: fx.Node, dim: int, axis: int) -> None:
+        """``node`` mixes values along ``axis`` as routing does. The axis stays prunable only if
+        the routing's choices pick weights along it (:meth:`pick`); otherwise it is frozen when
+        the walk ends."""
+        source = node.args[0]
+        self.routes.append(RoutePoint(node.name, dim, axis, gate=source not in self._gated))
+        self._gated.add(node)
+
+    def pick(self, index: fx.Node, axis: int, node: fx.Node) -> bool:
+        """``index`` selects positions of ``axis``: when its values are routing choices, couple the
+        axis they index with ``axis`` (one expert = one router row = one slice of each expert weight)."""
+        chosen = self.values.get(index)
+        if not isinstance(chosen, int):
+            return False
+        self.union(axis, chosen, node)
+        self.table.tag(axis, "experts")
+        return True
+
+    def _settle_routes(self) -> None:
+        """Routing axes whose choices never picked a weight are ordinary mixed axes: frozen."""
+        for r in self.routes:
+            if "experts" not in self.table.tags_of(r.axis):
+                node = next(n for n in self.gm.graph.nodes if n.name == r.node)
+                self.freeze([r.axis], node, "mixes values along this dimension")
+
+    def _track_values(self, node: fx.Node, rule) -> None:
+        """Index values pass through ops that only move them; any other use freezes their axis
+        (renumbering the kept indices would change what that use computes)."""
+        carried = [(a, self.values[a]) for a in _tensor_inputs(node) if a in self.values]
+        if rule is not None and rule.keeps_values and carried and carried[0][0] is node.args[0]:
+            self.values[node] = carried[0][1]
+            carried = carried[1:]
+        if rule is not None and rule.keeps_values and node.args and node.args[0] in self._gated:
+            self._gated.add(node)
+        if rule is not None and rule.reads_values:
+            return
+        for _, chosen in carried:
+            for axis in (chosen if isinstance(chosen, list) else [chosen]):
+                if axis is not None:
+                    self.freeze([axis], node, "the routing's choices are used as numbers here")
+
     # ------------------------------------------------------------ walking
     def run(self) -> "Walk":
         from .op_rules import rule_for
@@ -125,10 +186,13 @@ class Walk:
                 for leaf in _flatten(node.args):
                     if leaf.name in self.open_nodes:
                         continue
+                    if isinstance(self.values.get(leaf), int):
+                        self.freeze([self.values[leaf]], node, "the routing's choices are a model output")
                     if leaf in self.axes and isinstance(self.axes[leaf][0] if self.axes[leaf] else 0, int):
                         self.freeze(self.axes[leaf], node, "model output")
             elif node.op == "call_function":
                 self._call(node, rule_for(node.target))
+        self._settle_routes()
         return self
 
     def _attr(self, node: fx.Node) -> None:
@@ -155,7 +219,11 @@ class Walk:
                 self.axes[node] = src[node.args[1]]
             elif is_tensor_node(node):
                 self.axes[node] = self.fresh(node)
+            chosen = self.values.get(node.args[0])
+            if isinstance(chosen, list) and chosen[node.args[1]] is not None:
+                self.values[node] = chosen[node.args[1]]
             return
+        self._track_values(node, rule)
         has_tensor_out = isinstance(val, torch.Tensor) or (
             isinstance(val, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in val)
         )

@@ -1,0 +1,145 @@
+"""Whole experts of mixture-of-experts layers: found from the ops, pruned exactly, never below top-k."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import transformers
+import zoo
+from conftest import analysed, fresh_inputs, outputs
+
+import graphprune
+from graphprune.plan import PlanGroup, PruningPlan, fill_counts
+
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+def experts_plan(dg, keep: dict[str, list[int]]) -> PruningPlan:
+    plan = PruningPlan(fingerprint=dg.fingerprint(),
+                       groups=[PlanGroup(g.name, g.kind, g.size, keep[g.name]) for g in dg.groups if g.name in keep])
+    fill_counts(plan, dg)
+    return plan
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_experts_are_one_group_per_layer_with_router_and_expert_weights(name):
+    model, _, dg = analysed(name)
+    experts = [g for g in dg.groups if g.kind == "experts"]
+    assert len(experts) == model.config.num_hidden_layers
+    for g in experts:
+        members = {m.param.rsplit(".", 2)[-2] + "." + m.param.rsplit(".", 1)[-1]: m.dim for m in g.members}
+        assert members == {"gate.weight": 0, "experts.gate_up_proj": 0, "experts.down_proj": 0}
+        assert g.size == model.config.num_experts_per_tok * 2 == 4
+        assert g.min_units == model.config.num_experts_per_tok  # top-k needs k experts to choose from
+
+
+@pytest.mark.parametrize("name", MOE)
+@pytest.mark.parametrize("seed", range(3))
+def test_removing_experts_equals_masking_their_router_scores(name, seed):
+    _, traced, dg = analysed(name)
+    gen = torch.Generator().manual_seed(seed)
+    keep = {g.name: sorted(torch.randperm(g.size, generator=gen)[: g.min_units + seed % 2].tolist())
+            for g in dg.groups if g.kind == "experts"}
+    plan = experts_plan(dg, keep)
+    pruned = graphprune.rewrite(dg, plan.leaf_keep(dg))
+    masked = graphprune.insert_masks(dg, [dg.group(n) for n in keep])
+    masked.set_keep(keep)
+    kwargs = fresh_inputs(name, traced, 3, 7, seed)
+    with torch.no_grad():
+        for a, b in zip(outputs(pruned(**kwargs)), outputs(masked(**kwargs))):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    assert sum(p.numel() for p in pruned.parameters()) == plan.params_after < plan.params_before
+
+
+def test_pruned_mixtral_equals_a_smaller_mixtral_built_by_hand():
+    """Independent of the masking pass: a Mixtral with 3 experts holding the kept experts' weights."""
+    model, traced, dg = analysed("mixtral")
+    keep = {g.name: [0, 2, 3] for g in dg.groups if g.kind == "experts"}
+    pruned = graphprune.rewrite(dg, experts_plan(dg, keep).leaf_keep(dg))
+    config = copy.deepcopy(model.config)
+    config.num_local_experts = 3
+    small = transformers.MixtralForCausalLM(config).eval()
+    state = model.state_dict()
+    for key in state:
+        if key.endswith(("mlp.gate.weight", "experts.gate_up_proj", "experts.down_proj")):
+            state[key] = state[key][[0, 2, 3]]
+    small.load_state_dict(state)
+    kwargs = fresh_inputs("mixtral", traced, 2, 6)
+    with torch.no_grad():
+        want = small(**zoo.call_kwargs(small, kwargs)).logits
+        got = pruned(**kwargs).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, model(**zoo.call_kwargs(model, kwargs)).logits, atol=1e-3)
+
+
+def test_plans_keep_at_least_the_routers_k_experts():
+    _, _, dg = analysed("mixtral")
+    scores = {g.name: torch.arange(g.size, dtype=torch.float) for g in dg.groups}
+    plan = graphprune.make_plan(dg, scores, 0.6, kinds=("experts",))
+    assert all(len(g.keep) == 2 for g in plan.groups)  # 4 experts, top-2: never fewer than 2
+    assert plan.groups[0].keep == [2, 3]  # the highest scores
+    bad = experts_plan(dg, {g.name: [1] for g in dg.groups if g.kind == "experts"})
+    with pytest.raises(graphprune.PlanError, match="keeps 1 of its experts.*chooses 2"):
+        bad.leaf_keep(dg)
+
+
+def test_compile_prunes_experts_end_to_end_and_verifies():
+    model = zoo.ALL["mixtral"]()
+    before = copy.deepcopy(model.state_dict())
+    small = graphprune.compile(model, 0.3, kinds=("experts", "channels"), progress=False)
+    widths = small.plan.kept_widths()
+    assert any(k.endswith(":experts") and kept < size for k, (kept, size) in widths.items())
+    assert graphprune.verify(small, trials=2).ok
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_default_grouped_mm_kernel_traces_through_batched_mm_without_touching_the_callers_config():
+    spec = {k: v for k, v in zoo._SPECS["mixtral"][2].items() if k != "experts_implementation"}
+    config = transformers.MixtralConfig(**zoo._SPECIAL_TOKENS, **spec, use_cache=False)
+    model = transformers.MixtralForCausalLM(config).eval()
+    assert config._experts_implementation == "grouped_mm"
+    before = dict(config.__dict__)
+    dg = graphprune.analyze(model)
+    kinds = {g.kind for g in dg.groups}
+    assert {"experts", "channels", "hidden", "heads"} <= kinds  # grouped_mm is one opaque op: it froze all three
+    assert dict(config.__dict__) == before
+
+
+class TinyRouted(nn.Module):
+    """A hand-written mixture of experts: router, top-1 choice, expert weights indexed by it."""
+
+    def __init__(self, use_one_hot: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 16)
+        self.router = nn.Linear(16, 6, bias=False)
+        self.w_in = nn.Parameter(torch.randn(6, 24, 16) * 0.2)
+        self.w_out = nn.Parameter(torch.randn(6, 16, 24) * 0.2)
+        self.head = nn.Linear(16, 32)
+        self.use_one_hot = use_one_hot
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        probs = self.router(x).softmax(-1)
+        weight, choice = probs.topk(1, dim=-1)
+        if self.use_one_hot:  # the choice used as numbers: the experts cannot be renumbered
+            weight = weight * (nn.functional.one_hot(choice, 6).sum(-2) * probs).sum(-1, keepdim=True)
+        h = torch.einsum("bsoi,bsi->bso", self.w_in[choice[..., 0]], x).relu()
+        return self.head(x + weight * torch.einsum("bsoi,bsi->bso", self.w_out[choice[..., 0]], h))
+
+
+def test_a_handwritten_moe_gets_expert_groups_from_its_ops_alone():
+    ids = torch.randint(0, 32, (2, 5))
+    dg = graphprune.analyze(TinyRouted(), example_inputs=(ids,))
+    (experts,) = [g for g in dg.groups if g.kind == "experts"]
+    assert {m.param for m in experts.members} == {"router.weight", "w_in", "w_out"}
+    assert experts.min_units == 1
+
+
+def test_routing_choices_used_as_numbers_freeze_the_experts():
+    ids = torch.randint(0, 32, (2, 5))
+    dg = graphprune.analyze(TinyRouted(use_one_hot=True), example_inputs=(ids,))
+    assert not [g for g in dg.groups if g.kind == "experts"]
+    assert any("router.weight" in what for what, _ in dg.frozen_report())
