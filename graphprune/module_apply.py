@@ -54,6 +54,7 @@ SCALED_ATTRIBUTES = {
     "head_dim": {"multiple": _HEAD_DIMS + _WIDTHS, "maybe": ("embed_dim",)},
     "channels": {"multiple": ("intermediate_size", "ffn_dim", "n_inner", "moe_intermediate_size", "intermediate_dim"),
                  "equal": _HEAD_DIMS},
+    "experts": {"equal": ("num_experts", "num_local_experts", "n_routed_experts")},
 }
 # Hugging Face config fields per kind, updated when every group of the kind kept the same count
 CONFIG_FIELDS = {
@@ -62,7 +63,10 @@ CONFIG_FIELDS = {
     "head_dim": ("head_dim",),
     "channels": ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "moe_intermediate_size"),
     "hidden": ("hidden_size", "n_embd", "d_model"),
+    "experts": ("num_local_experts", "num_experts", "n_routed_experts"),
 }
+# Counts a model keeps beside its config, per kind (MixtralForCausalLM.num_experts, for its router loss)
+MODEL_COUNTS = {"experts": ("num_experts", "num_local_experts", "n_routed_experts")}
 _EPS_NAMES = ("variance_epsilon", "eps", "epsilon")  # a norm's epsilon, scaled with its width
 GROUPED_MM_ALIGN = 8  # elements: 16-byte strides in 2-byte dtypes, which the grouped_mm kernels require
 
@@ -298,6 +302,11 @@ def _fix_config(small: torch.nn.Module, plan) -> None:
         kept, total = pairs.pop()
         if kept != total:
             _scale_config(config, kind, kept, total)
+            for module in small.modules():
+                if getattr(module, "config", None) is not None:
+                    for attr in MODEL_COUNTS.get(kind, ()):
+                        if type(getattr(module, attr, None)) is int and getattr(module, attr) == total:
+                            setattr(module, attr, kept)
 
 
 def _scale_config(config, kind: str, kept: int, total: int) -> None:

@@ -79,6 +79,16 @@ def project_to_budget(s: torch.Tensor, k: float, lo: float, hi: float, iters: in
     return (s - (a + b) / 2).clamp(lo, hi)
 
 
+def at_least(mask: torch.Tensor, s: torch.Tensor, floor: int) -> torch.Tensor:
+    """``mask`` with at least ``floor`` units kept: the most probable dropped ones fill up. A router
+    choosing k experts needs k to choose from (with none, its softmax is nan)."""
+    short = floor - int(mask.sum())
+    if short > 0:
+        dropped = (mask == 0).nonzero().flatten()
+        mask[dropped[s[dropped].argsort(descending=True)[:short]]] = 1
+    return mask
+
+
 def kind_budgets(ctx, ratio: float) -> dict[str, int]:
     """Kept units per kind that a uniform plan at ``ratio`` keeps (the search's budget)."""
     flat = {g.name: torch.ones(g.size) for g in ctx.groups}
@@ -177,6 +187,7 @@ class Bernoulli(ScoringPass):
             kinds.setdefault(g.kind, []).append(g)
         budgets = self.budgets(ctx)
         probs, metric = self.initial(ctx, kinds, budgets)
+        floors = {g.name: g.min_units for g in ctx.groups if g.kind == "experts"}  # other groups may sample empty
         calib = ctx.calibration()
         masked = insert_masks(ctx.dg, ctx.groups, weights=ctx.weights)
         device = next((b.device for b in masked.module.buffers()), torch.device("cpu"))
@@ -200,7 +211,7 @@ class Bernoulli(ScoringPass):
                         dense_cache[i] = F.log_softmax(logits_of(masked(**inputs)).float(), -1)
                     sampled, step_losses = [], []
                     for _ in range(c.samples):
-                        m = {name: torch.bernoulli(s, generator=gen) for name, s in probs.items()}
+                        m = {name: at_least(torch.bernoulli(s, generator=gen), s, floors.get(name, 0)) for name, s in probs.items()}
                         for name, mask in m.items():
                             masked.set_mask(name, mask.float())
                         out = masked(**inputs)

@@ -143,3 +143,42 @@ def test_routing_choices_used_as_numbers_freeze_the_experts():
     dg = graphprune.analyze(TinyRouted(use_one_hot=True), example_inputs=(ids,))
     assert not [g for g in dg.groups if g.kind == "experts"]
     assert any("router.weight" in what for what, _ in dg.frozen_report())
+
+
+def test_uniformly_pruned_experts_save_a_checkpoint_plain_from_pretrained_loads(tmp_path):
+    model = zoo.ALL["mixtral"]()
+    small = graphprune.compile(model, 0.3, kinds=("experts", "heads"), progress=False)
+    assert {w for k, w in small.plan.kept_widths().items() if k.endswith(":experts")} == {(3, 4)}
+    small.save(tmp_path / "out")
+    loaded = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert loaded.config.num_local_experts == 3 and loaded.num_experts == 3
+    assert model.config.num_local_experts == 4  # the caller's model keeps its experts
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, small(input_ids=ids, use_cache=False).logits, atol=1e-5)
+
+
+def test_bernoulli_masks_keep_the_routers_k_experts_in_every_sample():
+    """A sample with no expert left would make the router's softmax nan and the search with it."""
+    from graphprune.passes.bernoulli import at_least
+
+    s = torch.tensor([0.1, 0.6, 0.3, 0.2])
+    assert at_least(torch.zeros(4), s, 2).tolist() == [0, 1, 1, 0]
+    assert at_least(torch.tensor([1.0, 0, 0, 0]), s, 2).tolist() == [1, 1, 0, 0]
+    calib = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+    small = graphprune.compile(zoo.ALL["qwen3_moe"](), 0.3, method="bernoulli", kinds=("experts",), calib=calib,
+                               progress=False, steps=20)
+    assert all(kept >= 2 for kept, _ in small.plan.kept_widths().values())
+    assert graphprune.verify(small, trials=1).ok
+
+
+def test_experts_pruned_graph_runs_in_onnx_runtime(tmp_path):
+    from graphprune.runtime import OnnxSession
+
+    small = graphprune.compile(zoo.ALL["qwen2_moe"](), 0.3, kinds=("experts", "channels"), progress=False)
+    small.export_onnx(tmp_path / "small.onnx", progress=False)
+    session = OnnxSession.open(tmp_path / "small.onnx")
+    for batch, seq in ((3, 9), (1, 4)):
+        ids = torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seq))
+        got = torch.from_numpy(next(iter(session(input_ids=ids.numpy()).values())))
+        assert torch.allclose(got, small(input_ids=ids, use_cache=False).logits, atol=1e-4)
