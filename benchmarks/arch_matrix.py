@@ -36,7 +36,7 @@ import zoo  # noqa: E402
 import graphprune  # noqa: E402
 from graphprune.api import random_inputs  # noqa: E402
 from graphprune.trace import is_hf_model  # noqa: E402
-from graphprune.plan import PlanGroup, PruningPlan, atomic_write_text, fill_counts  # noqa: E402
+from graphprune.plan import atomic_write_text, random_plan  # noqa: E402
 
 
 def _tensors(out) -> list[torch.Tensor]:
@@ -50,19 +50,6 @@ def _max_rel(a_out, b_out) -> float:
             return float("inf")
         worst = max(worst, ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item())
     return worst
-
-
-def random_plan(dg, seed: int = 0, keep_prob: float = 0.6) -> PruningPlan:
-    gen = torch.Generator().manual_seed(seed)
-    groups = []
-    for g in dg.groups:
-        if g.kind not in graphprune.ALL_KINDS:
-            continue
-        keep = (torch.rand(g.size, generator=gen) < keep_prob).nonzero().flatten().tolist() or [0]
-        groups.append(PlanGroup(g.name, g.kind, g.size, keep))
-    plan = PruningPlan(fingerprint=dg.fingerprint(), groups=groups)
-    fill_counts(plan, dg)
-    return plan
 
 
 def check(name: str) -> dict:

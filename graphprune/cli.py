@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=_positive, default=128, help="tokens per calibration window (default 128)")
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
     c.add_argument("--kinds", type=_csv, default=None, metavar="K1,K2",
-                   help="what may be removed: heads, query_heads, head_dim, channels, hidden; whole blocks: attn_block, "
+                   help="what may be removed: heads, query_heads, head_dim, channels, hidden, experts; whole blocks: attn_block, "
                         "mlp_block, layer; lora_rank (a peft adapter's rank) (default heads,channels)")
     c.add_argument("--allocation", choices=["uniform", "global"], default=None,
                    help="same fraction per layer, or ranked across layers (default: the method's preference)")

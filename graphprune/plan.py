@@ -380,12 +380,29 @@ def fill_counts(plan: PruningPlan, dg: DependencyGraph) -> None:
     plan.block_params_after = count_params(dg, kept, removed, names=block)
 
 
-def keep_all_plan(dg: DependencyGraph, kinds=DEFAULT_KINDS) -> PruningPlan:
-    """A plan that removes nothing (every group of ``kinds`` keeps every unit)."""
-    groups = select_groups(dg.groups, kinds)
+def _plan_keeping(dg: DependencyGraph, groups: list[Group], keep) -> PruningPlan:
     plan = PruningPlan(
         fingerprint=dg.fingerprint(),
-        groups=[PlanGroup(g.name, g.kind, g.size, list(range(g.size)), [[m.param, m.dim] for m in g.members]) for g in groups],
+        groups=[PlanGroup(g.name, g.kind, g.size, keep(g), [[m.param, m.dim] for m in g.members]) for g in groups],
     )
     fill_counts(plan, dg)
     return plan
+
+
+def keep_all_plan(dg: DependencyGraph, kinds=DEFAULT_KINDS) -> PruningPlan:
+    """A plan that removes nothing (every group of ``kinds`` keeps every unit)."""
+    return _plan_keeping(dg, select_groups(dg.groups, kinds), lambda g: list(range(g.size)))
+
+
+def random_plan(dg: DependencyGraph, kinds=ALL_KINDS, keep_prob: float = 0.6, seed: int = 0) -> PruningPlan:
+    """A plan keeping each unit with probability ``keep_prob`` (every group keeps at least one unit,
+    or its ``min_units``): what the exactness checks prune by, e.g. after registering an op rule."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def keep(g: Group) -> list[int]:
+        chosen = torch.rand(g.size, generator=gen) < keep_prob
+        if int(chosen.sum()) < g.min_units:
+            chosen[torch.randperm(g.size, generator=gen)[: g.min_units]] = True
+        return chosen.nonzero().flatten().tolist()
+
+    return _plan_keeping(dg, select_groups(dg.groups, kinds), keep)

@@ -16,23 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import graphprune
-from graphprune.plan import PlanGroup, PruningPlan, fill_counts
-
-
-def random_plan(dg, kinds, seed: int, keep_prob: float) -> PruningPlan:
-    gen = torch.Generator().manual_seed(seed)
-    groups = []
-    for g in dg.groups:
-        if g.kind not in kinds:
-            continue
-        chosen = torch.rand(g.size, generator=gen) < keep_prob
-        if int(chosen.sum()) < g.min_units:  # at least one unit; a router's k experts
-            chosen[torch.randperm(g.size, generator=gen)[: g.min_units]] = True
-        keep = chosen.nonzero().flatten().tolist()
-        groups.append(PlanGroup(g.name, g.kind, g.size, keep))
-    plan = PruningPlan(fingerprint=dg.fingerprint(), groups=groups)
-    fill_counts(plan, dg)
-    return plan
+from graphprune.plan import random_plan
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -55,7 +39,7 @@ KIND_SETS = [graphprune.DEFAULT_KINDS, ("hidden",), ("query_heads", "head_dim"),
        batch=st.integers(2, 4), seq=st.integers(2, 9))
 def test_pruned_equals_masked_and_counts_match(name, seed, kinds, keep_prob, batch, seq):
     _, traced, dg = analysed(name)
-    plan = random_plan(dg, kinds, seed, keep_prob)
+    plan = random_plan(dg, kinds, keep_prob, seed)
     pruned = graphprune.rewrite(dg, plan.leaf_keep(dg))
     masked = graphprune.insert_masks(dg, [dg.group(g.name) for g in plan.groups])
     masked.set_keep({g.name: g.keep for g in plan.groups})

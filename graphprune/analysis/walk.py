@@ -149,10 +149,10 @@ class Walk:
 
     def _settle_routes(self) -> None:
         """Routing axes whose choices never picked a weight are ordinary mixed axes: frozen."""
+        nodes = {n.name: n for n in self.gm.graph.nodes} if self.routes else {}
         for r in self.routes:
             if "experts" not in self.table.tags_of(r.axis):
-                node = next(n for n in self.gm.graph.nodes if n.name == r.node)
-                self.freeze([r.axis], node, "mixes values along this dimension")
+                self.freeze([r.axis], nodes[r.node], "mixes values along this dimension")
 
     def _track_values(self, node: fx.Node, rule) -> None:
         """Index values pass through ops that only move them; any other use freezes their axis
