@@ -495,7 +495,7 @@ def cmd_inspect(args) -> int:
         step()
         dg = analyze(traced)
     groups = [
-        {"name": g.name, "kind": g.kind, "units": g.size, "prunable_by_default": g.kind in DEFAULT_KINDS,
+        {"name": g.name, "kind": g.kind, "units": g.size, "min_units": g.min_units, "prunable_by_default": g.kind in DEFAULT_KINDS,
          "members": [[m.param, m.dim] for m in g.members]}
         for g in dg.groups
     ]
@@ -526,6 +526,8 @@ def _groups_table(groups: list[dict], members: bool) -> str:
     lines = [f"  {'group':<{width}}  {'kind':<11}  {'units':>6}  members"]
     for g in groups:
         mark = "" if g["prunable_by_default"] else "  (only with --kinds)"
+        if g.get("min_units", 1) > 1:  # a router's top-k: that many experts always stay
+            mark += f"  (keeps at least {g['min_units']})"
         shown = ", ".join(f"{p}:{d}" for p, d in g["members"]) if members else f"{len(g['members'])}"
         lines.append(f"  {g['name']:<{width}}  {g['kind']:<11}  {g['units']:>6}  {shown}{mark}")
     return "\n".join(lines)

@@ -182,3 +182,20 @@ def test_experts_pruned_graph_runs_in_onnx_runtime(tmp_path):
         ids = torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seq))
         got = torch.from_numpy(next(iter(session(input_ids=ids.numpy()).values())))
         assert torch.allclose(got, small(input_ids=ids, use_cache=False).logits, atol=1e-4)
+
+
+def test_command_line_prunes_experts_of_a_default_kernel_mixtral_folder(tmp_path, capsys):
+    """A Mixtral saved as users have it (grouped_mm kernel): inspect shows the experts and their
+    floor; compile --kinds experts writes a checkpoint whose config has fewer experts."""
+    import json
+
+    from graphprune import cli
+
+    spec = {k: v for k, v in zoo._SPECS["mixtral"][2].items() if k != "experts_implementation"}
+    transformers.MixtralForCausalLM(transformers.MixtralConfig(**zoo._SPECIAL_TOKENS, **spec)).save_pretrained(tmp_path / "moe")
+    assert cli.main(["inspect", str(tmp_path / "moe"), "--json", "-q"]) == 0
+    groups = {g["name"]: g for g in json.loads(capsys.readouterr().out)["groups"]}
+    assert groups["model.layers.0.mlp:experts"]["min_units"] == 2
+    assert cli.main(["compile", str(tmp_path / "moe"), "--ratio", "0.3", "--kinds", "experts", "--out", str(tmp_path / "small"), "-q"]) == 0
+    config = json.loads((tmp_path / "small" / "config.json").read_text())
+    assert 2 <= config["num_local_experts"] < 4  # fewer experts, never fewer than top-k
