@@ -231,7 +231,7 @@ class CompiledModel:
         manifest["sha256"] = io.file_digests(tmp)  # sizes miss a same-size corruption
         manifest["dynamic_dims"] = {name: sorted(dims) for name, dims in (self.dynamic_shapes or {}).items()
                                     if isinstance(dims, dict)}  # which dims may vary (a plain module may fix dim 1)
-        atomic_write_text(tmp / "graphprune.json", json.dumps(manifest, indent=1, default=str))
+        atomic_write_text(tmp / io.MANIFEST, json.dumps(manifest, indent=1, default=str))
         usual_modes(tmp)
 
 

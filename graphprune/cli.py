@@ -363,7 +363,7 @@ def _feature(module: str, what: str):
 def cmd_compile(args) -> int:
     from . import api
     from .errors import GraphpruneError
-    from .io import check_save_target, load_model
+    from .io import MANIFEST, check_save_target, load_model
     from .plan import PruningPlan, atomic_write_text
     from .registry import check_options
 
@@ -420,7 +420,7 @@ def cmd_compile(args) -> int:
     t = time.perf_counter()
     out = compiled.save(args.out, hf=not args.no_hf and "auto", tokenizer=tokenizer, plot=not args.no_plot)
     compiled.report.seconds["save"] = time.perf_counter() - t
-    manifest = json.loads((out / "graphprune.json").read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     if args.onnx:
         t = time.perf_counter()
         result["onnx"] = str(compiled.export_onnx(out / "model.onnx", progress=_progress(args)))
@@ -468,7 +468,7 @@ def _finetune(compiled, args, tokenizer, calib):
 # ================================================================ inspect
 def cmd_inspect(args) -> int:
     from .analysis import DEFAULT_KINDS, analyze
-    from .io import has_hf_checkpoint, load_model
+    from .io import MANIFEST, has_hf_checkpoint, load_model
     from .trace import trace
 
     _check_source(args.model)
@@ -477,7 +477,7 @@ def cmd_inspect(args) -> int:
     lines = [f"{args.model}  ({_FORMS[loaded.kind]})"]
     if loaded.compiled is not None:
         c = loaded.compiled
-        manifest = json.loads((loaded.path / "graphprune.json").read_text())
+        manifest = json.loads((loaded.path / MANIFEST).read_text())
         data.update(plan={g.name: [len(g.keep), g.size] for g in c.plan.groups}, method=c.plan.method,
                     achieved_ratio=c.plan.achieved_ratio, hf=manifest.get("hf"),
                     params_before=c.plan.params_before, params_after=c.plan.params_after)

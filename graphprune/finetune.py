@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .analysis.groups import block_of
+from .analysis.groups import as_names, block_of
 from .analysis.walk import fetch_attr
 from .errors import GraphpruneError
 from .train import TrainConfig, TrainResult, logits_of, train
@@ -182,7 +182,7 @@ def _peft_targets(module: torch.nn.Module, targets) -> list[str]:
         # the modules of weights of 2+ dimensions (linear, embedding, conv), matched as the graph
         # back-end matches them, so both take the same targets and a typo is an error, not ignored
         names = [n for n, m in module.named_modules() if getattr(m, "weight", None) is not None and m.weight.dim() >= 2]
-        patterns = [targets] if isinstance(targets, str) else list(targets)
+        patterns = list(as_names(targets))
         problem = unmatched_targets(names, patterns, "module with a weight")
         if problem:
             raise GraphpruneError(problem)

@@ -100,7 +100,7 @@ def describe_source(source: str | os.PathLike) -> str:
         if path.suffix == ".gguf":
             return "gguf"
         raise LoadError(f"{path} is a file but not a .gguf model; give a Hugging Face folder, a .gguf file or a saved graphprune folder")
-    if (path / "graphprune.json").exists():
+    if (path / MANIFEST).exists():
         return "graphprune"
     if (path / "config.json").exists():
         return "hf"

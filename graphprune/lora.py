@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .analysis.groups import block_of
+from .analysis.groups import as_names, block_of
 from .analysis.walk import fetch_attr
 from .errors import GraphpruneError
 
@@ -108,7 +108,7 @@ def _select(gm: fx.GraphModule, targets) -> list[str]:
     if targets is None:
         return default_targets(gm)
     names = [n for n, p in gm.named_parameters() if p.dim() >= 2]
-    patterns = [targets] if isinstance(targets, str) else list(targets)
+    patterns = list(as_names(targets))
     owners = [n.rsplit(".", 1)[0] for n in names]  # a pattern names the weight or its module
     problem = unmatched_targets(owners + names, patterns, "weight of at least 2 dimensions", shown=owners)
     if problem:
