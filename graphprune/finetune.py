@@ -75,6 +75,10 @@ def instruction_examples(records, tokenizer, seq_len: int, n: int, seed: int = 0
     """``n`` (input ids, labels) pairs from random records; labels cover the response and EOS only."""
     if tokenizer is None:
         raise GraphpruneError("instruction data needs a tokenizer: pass tokenizer=...")
+    template = len(tokenizer(ALPACA_NO_INPUT.format(instruction=""))["input_ids"])
+    if template >= seq_len:  # checked first: otherwise every record is tokenised to find this out
+        raise GraphpruneError(f"no instruction example fits in seq_len={seq_len} tokens: the Alpaca prompt template "
+                              f"alone is {template} tokens: raise seq_len")
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
     out = []
     for i in order:

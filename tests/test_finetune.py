@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -112,6 +113,10 @@ def test_alpaca_batches_train_on_the_response_only(stories_dir, tmp_path):
     (tmp_path / "bad.json").write_text('[{"prompt": "x"}]')
     with pytest.raises(graphprune.GraphpruneError, match="Alpaca format"):
         read_instruction_json(tmp_path / "bad.json")
+    started = time.perf_counter()  # a window the prompt template fills: said at once, not after 52k records
+    with pytest.raises(graphprune.GraphpruneError, match="template alone is .* tokens: raise seq_len"):
+        make_batches(str(path), tok, batch_size=2, seq_len=8, n_batches=1)
+    assert time.perf_counter() - started < 3
 
 
 def test_distillation_positions_labels_or_every_real_token(stories, stories_dir):
