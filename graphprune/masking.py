@@ -119,8 +119,9 @@ def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None, weights
             _gate_scores(graph, nodes[r.node], r.dim, m)
 
     by_name = dg.axes_by_name()
+    written = _written_in_place(graph)
     for node in list(graph.nodes):
-        if node.op != "call_function" or not isinstance(tensor_meta(node), torch.Tensor):
+        if node.op != "call_function" or not isinstance(tensor_meta(node), torch.Tensor) or node in written:
             continue
         axes = by_name.get(node.name)
         if not axes or not isinstance(axes[0], int):
@@ -152,6 +153,18 @@ def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None, weights
     graph.lint()
     gm.recompile()
     return MaskedModel(gm, list(groups), buffers)
+
+
+def _written_in_place(graph: fx.Graph) -> set[fx.Node]:
+    """Views that an in-place op writes into (``x[..., :8].copy_(y)``), and those ops' results: a
+    masked copy of them would take the write instead of the tensor they view."""
+    out = set()
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and schema is not None and schema.arguments and schema.arguments[0].alias_info is not None \
+                and schema.arguments[0].alias_info.is_write:
+            out |= {node, node.args[0]}
+    return out
 
 
 def _gate_scores(graph: fx.Graph, node: fx.Node, dim: int, mask: fx.Node) -> None:

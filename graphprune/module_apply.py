@@ -53,7 +53,7 @@ SCALED_ATTRIBUTES = {
                     "maybe": ("embed_dim",)},
     "head_dim": {"multiple": _HEAD_DIMS + _WIDTHS, "maybe": ("embed_dim",)},
     "channels": {"multiple": ("intermediate_size", "ffn_dim", "n_inner", "moe_intermediate_size", "intermediate_dim"),
-                 "equal": _HEAD_DIMS},
+                 "equal": _HEAD_DIMS + ("kv_lora_rank", "q_lora_rank")},  # (multi-head latent attention's ranks)
     "experts": {"equal": ("num_experts", "num_local_experts", "n_routed_experts")},
 }
 # Hugging Face config fields per kind, updated when every group of the kind kept the same count

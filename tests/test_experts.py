@@ -35,7 +35,7 @@ def test_experts_are_one_group_per_layer_with_router_and_expert_weights(name):
         assert g.min_units == model.config.num_experts_per_tok  # top-k needs k experts to choose from
 
 
-@pytest.mark.parametrize("name", MOE)
+@pytest.mark.parametrize("name", [*MOE, "glm4_moe", "deepseek_v3"])  # + sigmoid/gather and group-limited routing
 @pytest.mark.parametrize("seed", range(3))
 def test_removing_experts_equals_masking_their_router_scores(name, seed):
     _, traced, dg = analysed(name)
@@ -72,6 +72,16 @@ def test_pruned_mixtral_equals_a_smaller_mixtral_built_by_hand():
         got = pruned(**kwargs).logits
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(got, model(**zoo.call_kwargs(model, kwargs)).logits, atol=1e-3)
+
+
+def test_group_limited_routing_prunes_whole_groups_of_experts():
+    """DeepSeek-V3 routes to the best ``topk_group`` of ``n_group`` groups first: a unit is a group of
+    experts (the scores are viewed as groups x experts), and at least ``topk_group`` groups stay."""
+    model, _, dg = analysed("deepseek_v3")
+    experts = [g for g in dg.groups if g.kind == "experts"]
+    assert [(g.size, g.min_units) for g in experts] == [(4, 2)] * model.config.num_hidden_layers
+    members = {m.param.rsplit(".", 2)[-2] + "." + m.param.rsplit(".", 1)[-1] for m in experts[0].members}
+    assert {"gate.weight", "gate.e_score_correction_bias", "experts.gate_up_proj", "experts.down_proj"} <= members
 
 
 def test_plans_keep_at_least_the_routers_k_experts():

@@ -167,6 +167,25 @@ _SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
         dict(_LLAMA_LIKE, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
              experts_implementation="batched_mm", tie_word_embeddings=True),
     ),
+    # GLM-4-MoE: sigmoid router with a score-correction bias for the choice, the chosen weights read back
+    # with gather, a shared expert; the first layer dense (first_k_dense_replace=1).
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        dict(_LLAMA_LIKE, head_dim=16, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
+             num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, num_hidden_layers=3,
+             experts_implementation="batched_mm", tie_word_embeddings=False),
+    ),
+    # DeepSeek-V3: multi-head latent attention (keys written into a new_empty tensor with copy_, one
+    # rotary key shared by all heads), and group-limited routing (4 groups of 2 experts, the best 2
+    # groups searched): whole groups of experts are the unit.
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(_MHA, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+             first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+             v_head_dim=16, experts_implementation="batched_mm", tie_word_embeddings=False),
+    ),
     # Encoder: absolute + token-type embeddings, post-LN, tied MLM decoder with a bias.
     "bert": (
         "BertConfig",

@@ -84,9 +84,6 @@ class AxisTable:
         root = self.find(a)
         self.floors[root] = max(self.floors.get(root, 1), int(n))
 
-    def floor(self, a: int) -> int:
-        return self.floors.get(self.find(a), 1)
-
     # ---------------------------------------------------------------- unions
     def union(self, a: int, b: int, why: str) -> None:
         """Declare axes ``a`` and ``b`` equal. Mismatched structure freezes both."""

@@ -96,6 +96,10 @@ def find_groups(
             for leaf in table.leaves(a):
                 leaf_members.setdefault(leaf, []).append((name, d))
     tags = _tag_index(table)
+    floors: dict[int, int] = {}  # a floor on a refined axis holds, conservatively, for each of its leaves
+    for root, n in table.floors.items():
+        for leaf in table.leaves(root):
+            floors[leaf] = max(floors.get(leaf, 1), min(n, table.size[leaf]))
     groups, frozen_params = [], {}
     for leaf, members in leaf_members.items():
         if leaf in frozen:
@@ -106,7 +110,7 @@ def find_groups(
         if not any(n in trainable for n, _ in members):
             continue  # only buffers (rotary tables, ...): follows other groups, never a group itself
         kind = _kind(leaf, members, tags)
-        group = Group(name="", kind=kind, axis=leaf, size=table.size[leaf], min_units=min(table.floor(leaf), table.size[leaf]))
+        group = Group(name="", kind=kind, axis=leaf, size=table.size[leaf], min_units=floors.get(leaf, 1))
         for name, d in members:
             rest = 1
             for k, n in enumerate(shapes[name]):

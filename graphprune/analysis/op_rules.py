@@ -520,6 +520,49 @@ def index_select(w: Walk, node: fx.Node):
     return out
 
 
+def _align_index(w: Walk, node: fx.Node, ax, ia, d: int, shape, index_shape) -> None:
+    """gather/scatter: outside ``dim``, index position i is tensor position i (or, over a shorter
+    index, only the first ones: both frozen)."""
+    for k in range(len(ax)):
+        if k == d:
+            continue
+        if shape[k] == index_shape[k]:
+            w.union(ax[k], ia[k], node)
+        else:
+            w.freeze([ax[k], ia[k]], node, "indexed over part of a dimension")
+
+
+def gather(w: Walk, node: fx.Node):
+    """``out[..., j, ...] = src[..., index[..., j, ...], ...]`` along ``dim``: the output has the
+    index's axes; routing choices as the index pick along ``src``'s axis (a router's chosen scores)."""
+    src, dim, index = node.args[:3]
+    ax, ia = list(w.of(src)), list(w.of(index))
+    d = dim % len(ax)
+    if not w.pick(index, ax[d], node):
+        w.freeze([ax[d]], node, "indexed by a tensor")
+    _align_index(w, node, ax, ia, d, w.shape(src), w.shape(index))
+    if src in w.values:  # choices gathered: still choices
+        w.values[node] = w.values[src]
+    return ia
+
+
+def scatter(w: Walk, node: fx.Node):
+    """``out = self`` with ``src`` (or a value) written at ``index`` along ``dim``: routing choices as
+    the index write along ``self``'s axis (a mask of the chosen experts)."""
+    x, dim, index = node.args[:3]
+    ax, ia = list(w.of(x)), list(w.of(index))
+    d = dim % len(ax)
+    if not w.pick(index, ax[d], node):
+        w.freeze([ax[d]], node, "indexed by a tensor")
+    _align_index(w, node, ax, ia, d, w.shape(x), w.shape(index))
+    src = node.args[3] if len(node.args) > 3 else node.kwargs.get("src")
+    if is_tensor_node(src):
+        for a, b, n, m in zip(w.of(src), ia, w.shape(src), w.shape(index)):
+            if n == m:
+                w.union(a, b, node)
+    return ax
+
+
 def index_add(w: Walk, node: fx.Node):
     x, d, _, src = node.args[:4]
     ax, sa = list(w.of(x)), list(w.of(src))
@@ -768,6 +811,7 @@ register_op_rule(["aten.full", "aten.zeros", "aten.ones", "aten.empty", "aten.ra
 register_op_rule(["aten.new_zeros", "aten.new_ones", "aten.new_empty"], creation, rw_size_list(1))
 register_op_rule("aten.new_full", creation, rw_size_list(1))
 register_op_rule(["aten.arange", "aten.linspace", "aten.randint", "aten.scalar_tensor", "aten.empty_strided", "aten.tensor"], creation, rw_select_after)
+register_op_rule(["aten.copy", "aten.copy_"], elementwise)  # x[..., a:b] = y: y's channels are that slice's
 register_op_rule("aten.linear", linear)
 register_op_rule("aten.mm", mm)
 register_op_rule("aten.addmm", addmm)
@@ -802,6 +846,8 @@ register_op_rule("aten.rms_norm", norm(1), rw_rms_norm)
 register_op_rule("aten.index.Tensor", index_tensor, reads_values=True)
 register_op_rule("aten.index_select", index_select, reads_values=True)
 register_op_rule("aten.index_add", index_add)
+register_op_rule("aten.gather", gather, reads_values=True)
+register_op_rule(["aten.scatter", "aten.scatter_", "aten.scatter_add", "aten.scatter_add_"], scatter, reads_values=True)
 register_op_rule("aten.index_put", index_put)
 register_op_rule("aten.repeat", repeat, rw_repeat)
 register_op_rule("aten.repeat_interleave.self_int", repeat_interleave, rw_repeat_interleave)
