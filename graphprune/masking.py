@@ -10,6 +10,10 @@ Experts are masked where the router chooses, not where values flow: a removed ex
 router never picks, so the scores entering the first softmax/top-k over the experts get
 ``+ log(mask)`` (``-inf`` for a 0: never chosen; a soft mask scales that expert's share before the
 shares are renormalised). Multiplying its weights by 0 would still let it take tokens' places.
+
+A view that an in-place op writes into (``k[..., :n].copy_(x)``) is not masked (a masked copy
+would take the write instead of the tensor); the tensor it views is masked where it was made, and
+what is written into it was masked where that was computed.
 """
 from __future__ import annotations
 
