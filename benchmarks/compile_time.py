@@ -27,6 +27,8 @@ Cases
   (``torch.arange(group.size)``) are used instead and the reason is recorded.
 * ``llama2-70b-L{8,16,32,64,80}``: the 70B config with fewer layers, to show how compile time
   grows with depth (a least-squares line: seconds per layer and R^2).
+* ``qwen3-moe-30b``: Qwen3MoeForCausalLM with Qwen3-30B-A3B shapes (48 layers, 128 experts, top-8)
+  on the ``meta`` device, planned with whole experts as well (kinds heads, channels, experts).
 
 Why
 ---
@@ -39,6 +41,7 @@ Usage
     python benchmarks/compile_time.py            # everything; writes docs/compile_time.json and docs/performance.md
     python benchmarks/compile_time.py --quick    # SmolLM2 (if already downloaded), 7B, 70B at 8/16 layers; writes nothing
     python benchmarks/compile_time.py --case llama2-7b   # one case in this process, result as JSON on stdout
+    python benchmarks/compile_time.py --case qwen3-moe-30b
 """
 from __future__ import annotations
 
@@ -81,6 +84,10 @@ LLAMA_SHAPES = {
     "llama2-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                        intermediate_size=28672, vocab_size=32000),
 }
+MOE_SHAPE = dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                 moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, vocab_size=151936)  # Qwen3-30B-A3B
+DEFAULT_KINDS = ("heads", "channels")
+CASE_KINDS = {"qwen3-moe-30b": ("heads", "channels", "experts")}
 
 
 # ================================================================ one case (runs in a subprocess)
@@ -93,6 +100,12 @@ def _load_case(name: str):
 
         model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         return model, {"weights": "real (GGUF Q4_1 de-quantised to float32)", "device": "cpu"}
+    if name == "qwen3-moe-30b":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        with torch.device("meta"):
+            model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**MOE_SHAPE))
+        return model, {"weights": "none (meta device)", "device": "meta", "config": MOE_SHAPE}
     m = re.fullmatch(r"(llama2-7b|llama2-70b)(?:-L(\d+))?", name)
     if not m:
         raise SystemExit(f"unknown case {name!r}")
@@ -148,7 +161,8 @@ def run_case(name: str) -> dict:
     sec["score"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    plan = graphprune.make_plan(dg, scores, RATIO)
+    out["kinds"] = list(CASE_KINDS.get(name, DEFAULT_KINDS))
+    plan = graphprune.make_plan(dg, scores, RATIO, kinds=out["kinds"])
     leaf_keep = plan.leaf_keep(dg)
     sec["plan"] = time.perf_counter() - t
 
@@ -349,11 +363,13 @@ def doc_section(report: dict) -> str:
         "times are medians of the wall-clock seconds per stage, *total* is the median of "
         "trace + analyze + score + plan + rewrite (loading the model is shown but not counted), "
         "and *total min-max* its range over the runs. "
-        f"Plans are made at ratio {RATIO} (uniform allocation, heads + channels). Peak RSS is the largest "
+        f"Plans are made at ratio {RATIO} (uniform allocation, heads + channels; whole experts too for the MoE "
+        "case). Peak RSS is the largest "
         "`ru_maxrss` of the case's processes, including the Python interpreter with torch and "
         "transformers imported (about "
         f"{min(r['rss_baseline_mib'] for r in results.values() if 'error' not in r):.0f} MiB before any model exists). "
-        "The Llama-2 shapes are built on the `meta` device: no weights, so analysis needs shapes only.",
+        "The Llama-2 and Qwen3-30B-A3B shapes are built on the `meta` device: no weights, so analysis needs "
+        "shapes only.",
         "",
         results_table(results),
         "",
@@ -407,7 +423,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="fast check: SmolLM2 if already downloaded, Llama-2-7B shape, 70B config at 8/16 layers")
-    ap.add_argument("--case", help="run one case in this process (smollm2, llama2-7b, llama2-70b, llama2-70b-L<n>)")
+    ap.add_argument("--case", help="run one case in this process (smollm2, llama2-7b, llama2-70b, llama2-70b-L<n>, qwen3-moe-30b)")
     ap.add_argument("--result-file", help="with --case: write the result JSON here instead of stdout")
     ap.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=None,
                     help=f"write {JSON_PATH.relative_to(REPO)} and the '## Compile time' section of "
@@ -432,7 +448,7 @@ def main(argv=None) -> int:
     write_docs = (not args.quick) if args.write_docs is None else args.write_docs
     layers = QUICK_SCALING_LAYERS if args.quick else SCALING_LAYERS
     have_smol, why_not = _smollm2_available(fetch=not args.quick)
-    cases = (["smollm2"] if have_smol else []) + ["llama2-7b"] + ([] if args.quick else ["llama2-70b"])
+    cases = (["smollm2"] if have_smol else []) + ["llama2-7b"] + ([] if args.quick else ["llama2-70b", "qwen3-moe-30b"])
     cases += [f"llama2-70b-L{n}" for n in layers]
     if not have_smol:
         print(f"[smollm2] skipped: {why_not}", flush=True)
