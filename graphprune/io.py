@@ -673,12 +673,16 @@ def load_hf(folder: str | os.PathLike, dtype=None, *, verify: bool = True) -> to
     with _parameters_on_meta():
         model = _hf_call(lambda: auto.from_config(config) if auto is AutoModelForCausalLM else auto._from_config(config), folder)
     params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))  # (a router's score-correction bias)
     for name, shape in record.get("params", {}).items():
-        if name not in params:
+        if name not in params and name not in buffers:
             raise LoadError(f"{folder}: recorded width of {name!r}, which a {type(model).__name__} does not have")
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner) if owner else model
-        module._parameters[leaf] = torch.nn.Parameter(torch.empty(shape, device="meta"), requires_grad=params[name].requires_grad)
+        if name in params:
+            module._parameters[leaf] = torch.nn.Parameter(torch.empty(shape, device="meta"), requires_grad=params[name].requires_grad)
+        else:
+            module._buffers[leaf] = torch.empty(shape, dtype=buffers[name].dtype, device=buffers[name].device)
     _fix_module_sizes(model)
     _fix_unit_attributes(model, SimpleNamespace(groups=[  # counts, and config views; version 2 records the numbers too
         SimpleNamespace(name=n, kind=k, keep=range(kept), size=total) for n, k, kept, total in record.get("groups", [])

@@ -36,6 +36,7 @@ import torch.utils._pytree as pytree
 from .analysis.walk import fetch_attr
 from .errors import GraphpruneError
 from .rewrite import _set_tensor as _set
+from .trace import is_hf_model
 
 # Attributes of the module a group "<path>:<kind>" is named after that count units of that kind.
 # "multiple": a multiple of the group's unit count (query heads per KV head, heads x head_dim),
@@ -54,8 +55,10 @@ SCALED_ATTRIBUTES = {
     "head_dim": {"multiple": _HEAD_DIMS + _WIDTHS, "maybe": ("embed_dim",)},
     "channels": {"multiple": ("intermediate_size", "ffn_dim", "n_inner", "moe_intermediate_size", "intermediate_dim"),
                  "equal": _HEAD_DIMS + ("kv_lora_rank", "q_lora_rank")},  # (multi-head latent attention's ranks)
-    "experts": {"equal": ("num_experts", "num_local_experts", "n_routed_experts")},
+    # a unit is one expert, or one group of experts under group-limited routing (DeepSeek's n_group)
+    "experts": {"multiple": ("num_experts", "num_local_experts", "n_routed_experts", "n_group", "num_group")},
 }
+SUBTREE_KINDS = ("experts",)  # the router and the experts are submodules of the block the group is named after
 # Hugging Face config fields per kind, updated when every group of the kind kept the same count
 CONFIG_FIELDS = {
     "heads": ("num_key_value_heads", "num_attention_heads", "n_head", "num_heads", "n_kv_heads", "num_kv_heads"),
@@ -63,10 +66,10 @@ CONFIG_FIELDS = {
     "head_dim": ("head_dim",),
     "channels": ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "moe_intermediate_size"),
     "hidden": ("hidden_size", "n_embd", "d_model"),
-    "experts": ("num_local_experts", "num_experts", "n_routed_experts"),
+    "experts": ("num_local_experts", "num_experts", "n_routed_experts", "n_group"),
 }
 # Counts a model keeps beside its config, per kind (MixtralForCausalLM.num_experts, for its router loss)
-MODEL_COUNTS = {"experts": ("num_experts", "num_local_experts", "n_routed_experts")}
+MODEL_COUNTS = {"experts": ("num_experts", "num_local_experts", "n_routed_experts", "n_group")}
 _EPS_NAMES = ("variance_epsilon", "eps", "epsilon")  # a norm's epsilon, scaled with its width
 GROUPED_MM_ALIGN = 8  # elements: 16-byte strides in 2-byte dtypes, which the grouped_mm kernels require
 
@@ -123,7 +126,7 @@ def apply_plan_to_module(
         _copy_tensors(small, pruned_graph, dg)
         _fix_module_sizes(small)
         _fix_own_widths(small, model)
-        ambiguous = _fix_unit_attributes(small, plan, scale_maybe=scale_maybe)
+        ambiguous = _fix_unit_attributes(small, plan, scale_maybe=scale_maybe, dense=model)
         _fix_config(small, plan)
         unmatched = _rescale_norms(small, model, kept)
         _keep_batched_experts(small)
@@ -214,11 +217,13 @@ def _fix_own_widths(small: torch.nn.Module, dense: torch.nn.Module) -> None:
                 setattr(module, attr, next(iter(targets)))
 
 
-def _fix_unit_attributes(small: torch.nn.Module, plan, scale_maybe: bool = False) -> int:
-    """Head counts and widths stored on the module a group is named after, scaled by kept/total;
-    a module holding a config (read at run time, e.g. Phi-3's ``config.num_attention_heads``) gets
-    a :class:`LayerConfig` with its own widths, since layers may differ. Returns how many "maybe"
-    attributes it found (scaled only with ``scale_maybe``)."""
+def _fix_unit_attributes(small: torch.nn.Module, plan, scale_maybe: bool = False, dense: torch.nn.Module | None = None) -> int:
+    """Head counts and widths stored on the module a group is named after, scaled by kept/total (one
+    group after another: heads and head_dim both scale a ``split_size``), and for experts those on its
+    submodules too (the router's and the experts' counts), scaled from the ``dense`` model's values
+    since ``_fix_own_widths`` may have set them already; a module holding a config (read at run time,
+    e.g. Phi-3's ``config.num_attention_heads``) gets a :class:`LayerConfig` with its own widths,
+    since layers may differ. Returns how many "maybe" attributes it found (scaled only with ``scale_maybe``)."""
     ambiguous = 0
     for g in plan.groups:
         path, _, kind = g.name.rpartition(":")
@@ -229,16 +234,21 @@ def _fix_unit_attributes(small: torch.nn.Module, plan, scale_maybe: bool = False
             module = small.get_submodule(path)
         except AttributeError:
             continue
-        for rule, names in rules.items():
-            for attr in names:
-                value = getattr(module, attr, None)
-                if not isinstance(value, int) or isinstance(value, bool):
-                    continue
-                if rule == "equal" and value != g.size or value % g.size:
-                    continue
-                ambiguous += rule == "maybe"
-                if rule != "maybe" or scale_maybe:
-                    setattr(module, attr, value // g.size * len(g.keep))
+        targets = [(module, module)]
+        if kind in SUBTREE_KINDS:
+            origin = dense.get_submodule(path) if dense is not None else module
+            targets += [(m, origin.get_submodule(n)) for n, m in module.named_modules() if n]
+        for target, source in targets:
+            for rule, names in rules.items():
+                for attr in names:
+                    value = getattr(source, attr, None)
+                    if not isinstance(value, int) or isinstance(value, bool):
+                        continue
+                    if rule == "equal" and value != g.size or value % g.size:
+                        continue
+                    ambiguous += rule == "maybe"
+                    if rule != "maybe" or scale_maybe:
+                        setattr(target, attr, value // g.size * len(g.keep))
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "to_dict") and kind in CONFIG_FIELDS:
             if not isinstance(config, LayerConfig):
@@ -303,7 +313,7 @@ def _fix_config(small: torch.nn.Module, plan) -> None:
         if kept != total:
             _scale_config(config, kind, kept, total)
             for module in small.modules():
-                if getattr(module, "config", None) is not None:
+                if is_hf_model(module):  # the model classes themselves; their layers are _fix_unit_attributes'
                     for attr in MODEL_COUNTS.get(kind, ()):
                         if type(getattr(module, attr, None)) is int and getattr(module, attr) == total:
                             setattr(module, attr, kept)

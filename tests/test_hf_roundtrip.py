@@ -191,12 +191,12 @@ def test_a_saved_folder_has_the_usual_modes(tmp_path):
 
 # ---------------------------------------------------------------- the whole zoo
 # Every Hugging Face architecture of the test matrix, pruned three ways, written as a transformers
-# checkpoint and loaded back: uniform widths (heads and channels, 60 % kept: odd widths, so MoE
+# checkpoint and loaded back: uniform widths (heads, channels and experts, 60 % kept: odd widths, so MoE
 # experts are not 16-byte aligned), per-layer widths (60 % / 85 % by layer), and the hidden size
 # (PAT's kind). The default run covers the architectures that once failed and one of each family;
 # the rest are marked slow (each case costs about a second).
 DEFAULT_RUN = {"llama_gqa", "gpt2", "bloom", "gpt_bigcode", "olmo2", "phi3", "mixtral", "codegen"}
-PLANS = {"uniform": (("heads", "channels"), (0.6,)), "per_layer": (("heads", "channels"), (0.6, 0.85)),
+PLANS = {"uniform": (("heads", "channels", "experts"), (0.6,)), "per_layer": (("heads", "channels", "experts"), (0.6, 0.85)),
          "hidden": (("hidden",), (0.6,))}
 # Documented limits (README "Limits"): a LayerNorm over the pruned residual stream takes its mean over
 # the kept channels at module level, the graph over all of them; transformers' LayerNorm cannot say
@@ -215,7 +215,7 @@ def zoo_plan(dg, kinds, fractions) -> PruningPlan:
         if g.kind not in kinds:
             continue
         n = seen[g.kind] = seen.get(g.kind, -1) + 1
-        count = max(1, min(g.size, round(g.size * fractions[n % len(fractions)])))
+        count = max(g.min_units, min(g.size, round(g.size * fractions[n % len(fractions)])))
         keep = sorted(torch.randperm(g.size, generator=gen)[:count].tolist())
         groups.append(PlanGroup(g.name, g.kind, g.size, keep, [[m.param, m.dim] for m in g.members]))
     plan = PruningPlan(fingerprint=dg.fingerprint(), groups=groups, model_class=type(dg).__name__)
