@@ -18,7 +18,7 @@ def run_example(name: str, *args: str, monkeypatch, capsys) -> str:
 
 
 def test_every_example_is_tested():
-    tested = {"quickstart.py", "onnx_deploy.py", "lora_recovery.py", "custom_pass.py", "non_hf_module.py"}
+    tested = {"quickstart.py", "onnx_deploy.py", "lora_recovery.py", "custom_pass.py", "non_hf_module.py", "moe_experts.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -53,3 +53,11 @@ def test_custom_pass(monkeypatch, capsys):
 def test_non_hf_module(monkeypatch, capsys):
     out = run_example("non_hf_module.py", monkeypatch=monkeypatch, capsys=capsys)
     assert "(OK," in out and "identical outputs: True" in out
+
+
+def test_moe_experts(tmp_path, monkeypatch, capsys):
+    out = run_example("moe_experts.py", "--out", str(tmp_path / "moe"), monkeypatch=monkeypatch, capsys=capsys)
+    assert "4 experts, at least 2 stay" in out and "(OK," in out
+    kept = [int(n) for n in re.findall(r"experts': (\d)", out)]
+    assert kept and all(2 <= n < 4 for n in kept)
+    assert float(re.search(r"max abs difference ([0-9.e+-]+)", out).group(1)) < 1e-5
