@@ -11,9 +11,9 @@ router never picks, so the scores entering the first softmax/top-k over the expe
 ``+ log(mask)`` (``-inf`` for a 0: never chosen; a soft mask scales that expert's share before the
 shares are renormalised). Multiplying its weights by 0 would still let it take tokens' places.
 
-A view that an in-place op writes into (``k[..., :n].copy_(x)``) is not masked (a masked copy
-would take the write instead of the tensor); the tensor it views is masked where it was made, and
-what is written into it was masked where that was computed.
+An in-place op (``h.add_(1)``, ``k[..., :n].copy_(x)``) is followed by zeroing its target's removed
+units in place, since later readers read the target; a view written in place is not itself masked
+(a masked copy would take the write instead of the tensor it views).
 """
 from __future__ import annotations
 
@@ -123,9 +123,10 @@ def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None, weights
             _gate_scores(graph, nodes[r.node], r.dim, m)
 
     by_name = dg.axes_by_name()
-    written = _written_in_place(graph)
+    views_written = {n.args[0] for n in graph.nodes if _alias(n, write=True) and isinstance(n.args[0], fx.Node)
+                     and _alias(n.args[0], write=False)}
     for node in list(graph.nodes):
-        if node.op != "call_function" or not isinstance(tensor_meta(node), torch.Tensor) or node in written:
+        if node.op != "call_function" or not isinstance(tensor_meta(node), torch.Tensor) or node in views_written:
             continue
         axes = by_name.get(node.name)
         if not axes or not isinstance(axes[0], int):
@@ -136,6 +137,9 @@ def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None, weights
             if m is not None:
                 factors.append((d, m))
         if not factors:
+            continue
+        if _alias(node, write=True):
+            _zero_removed_in_place(graph, node, factors)
             continue
         ndim, out, inserted = len(axes), node, set()
         for d, m in factors:
@@ -159,16 +163,31 @@ def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None, weights
     return MaskedModel(gm, list(groups), buffers)
 
 
-def _written_in_place(graph: fx.Graph) -> set[fx.Node]:
-    """Views that an in-place op writes into (``x[..., :8].copy_(y)``), and those ops' results: a
-    masked copy of them would take the write instead of the tensor they view."""
-    out = set()
-    for node in graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op == "call_function" and schema is not None and schema.arguments and schema.arguments[0].alias_info is not None \
-                and schema.arguments[0].alias_info.is_write:
-            out |= {node, node.args[0]}
-    return out
+def _zero_removed_in_place(graph: fx.Graph, node: fx.Node, factors) -> None:
+    """After an in-place op (``h.add_(1)``, ``k[..., :8].copy_(x)``), its target's removed units are
+    zeroed in place too: later readers of the target (or of the tensor it views) read it, not ``node``."""
+    target, ndim, last = node.args[0], tensor_meta(node).dim(), node
+
+    def then(op, *args):
+        nonlocal last
+        with graph.inserting_after(last):
+            last = graph.call_function(op, args)
+        return last
+
+    for d, m in factors:
+        shape = [1] * ndim
+        shape[d] = -1
+        removed = then(aten.eq.Scalar, then(aten.view.default, m, shape), 0)
+        then(aten.masked_fill_.Scalar, target, removed, 0.0)
+
+
+def _alias(node: fx.Node, write: bool) -> bool:
+    """Whether ``node``'s result aliases its first input: written in place (``copy_``) or a view (``slice``)."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or not schema.returns:
+        return False
+    info = schema.returns[0].alias_info
+    return info is not None and info.is_write == write
 
 
 def _gate_scores(graph: fx.Graph, node: fx.Node, dim: int, mask: fx.Node) -> None:

@@ -100,3 +100,26 @@ def test_in_place_writes_into_views_stay_exact(seed):
     with torch.no_grad():
         a, b = pruned(**kwargs).logits, masked(**kwargs).logits
     assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+class InPlaceMLP(torch.nn.Module):
+    """An MLP whose hidden activation is shifted in place (``h.add_(1)``) and read by ``down``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.up, self.down = torch.nn.Embedding(32, 16), torch.nn.Linear(16, 24), torch.nn.Linear(24, 16)
+        self.head = torch.nn.Linear(16, 32)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        h = self.up(x)
+        h.add_(1.0)  # removed channels would become 1 if nothing zeroed them after the write
+        return self.head(x + self.down(h))
+
+
+def test_in_place_ops_on_values_keep_removed_channels_zero():
+    ids = torch.randint(0, 32, (2, 5))
+    small = graphprune.compile(InPlaceMLP(), 0.3, kinds=("channels",), example_inputs=(ids,), progress=False)
+    assert small.plan.kept_widths()["model:channels"][0] < 24
+    assert graphprune.verify(small, trials=2).ok
