@@ -32,7 +32,7 @@ from .analysis.groups import find_groups
 from .analysis.walk import Walk, fetch_attr
 from .errors import ExportError
 from .rewrite import AxisMasks, rewrite
-from .trace import is_hf_model
+from .trace import is_hf_model, traceable_experts
 
 # Example sizes of the cached trace: all different, so torch.export relates none of them.
 _BATCH, _SEQ, _PAST = 2, 3, 5
@@ -167,7 +167,7 @@ def trace_with_cache(model: torch.nn.Module) -> tuple[fx.GraphModule, CacheLayou
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), traceable_experts(model):  # the kernel the plain trace used (its groups)
             program = torch.export.export(_cache_view(model), (), kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as exc:
         raise ExportError(f"torch.export could not trace {type(model).__name__} with a KV cache: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}") from exc

@@ -6,10 +6,10 @@ the "masked dense model" that a pruned model must equal exactly; with soft or sa
 is what learned-mask methods train. Masks live in buffers ``_graphprune_mask_<i>`` (one per
 group, float, shape ``[units]``) that callers can overwrite between calls.
 
-Experts are masked where the router chooses, not where values flow: a removed expert is one the
-router never picks, so the scores entering the first softmax/top-k over the experts get
-``+ log(mask)`` (``-inf`` for a 0: never chosen; a soft mask scales that expert's share before the
-shares are renormalised). Multiplying its weights by 0 would still let it take tokens' places.
+Experts are masked where the router chooses too: a removed expert is one the router never picks,
+so the scores entering the first softmax/top-k over the experts also get ``+ log(mask)`` (``-inf``
+for a 0: never chosen; a soft mask scales that expert's share before the shares are renormalised).
+Zeroing its router row alone would still let it take tokens' places.
 
 An in-place op (``h.add_(1)``, ``k[..., :n].copy_(x)``) is followed by zeroing its target's removed
 units in place, since later readers read the target; a view written in place is not itself masked
@@ -97,12 +97,12 @@ def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None, weights
     n_const = 0
 
     def axis_mask(axis: int, at_route: bool = False) -> fx.Node | None:
-        """The mask over the positions of ``axis``: its multiplied leaves, or (``at_route``) its routed ones."""
+        """The mask over the positions of ``axis``: of all its masked leaves, or (``at_route``) of its routed ones."""
         nonlocal n_const
         root = table.find(axis)
         if (root, at_route) in axis_mask_cache:
             return axis_mask_cache[root, at_route]
-        mine = [leaf for leaf in table.leaves(root) if leaf in leaves and (leaf in routed) == at_route]
+        mine = [leaf for leaf in table.leaves(root) if leaf in leaves and (leaf in routed or not at_route)]
         node = None
         for leaf in mine:
             coords = table.coordinate(root, leaf)
@@ -123,11 +123,12 @@ def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None, weights
             _gate_scores(graph, nodes[r.node], r.dim, m)
 
     by_name = dg.axes_by_name()
-    views_written = {n.args[0] for n in graph.nodes if _alias(n, write=True) and isinstance(n.args[0], fx.Node)
-                     and _alias(n.args[0], write=False)}
+    views_written = _views_written(graph)
     for node in list(graph.nodes):
         if node.op != "call_function" or not isinstance(tensor_meta(node), torch.Tensor) or node in views_written:
             continue
+        if not tensor_meta(node).is_floating_point():
+            continue  # flags and indices (a router's group mask as bools): the numbers they select are masked
         axes = by_name.get(node.name)
         if not axes or not isinstance(axes[0], int):
             continue
@@ -179,6 +180,20 @@ def _zero_removed_in_place(graph: fx.Graph, node: fx.Node, factors) -> None:
         shape[d] = -1
         removed = then(aten.eq.Scalar, then(aten.view.default, m, shape), 0)
         then(aten.masked_fill_.Scalar, target, removed, 0.0)
+
+
+def _views_written(graph: fx.Graph) -> set[fx.Node]:
+    """Every view on the way from an in-place op back to the tensor it writes into
+    (``h.unsqueeze(0)[0].mul_(2)``): a masked copy of any of them would take the write."""
+    out = set()
+    for node in graph.nodes:
+        if not _alias(node, write=True):
+            continue
+        view = node.args[0]
+        while isinstance(view, fx.Node) and _alias(view, write=False) and view not in out:
+            out.add(view)
+            view = view.args[0]
+    return out
 
 
 def _alias(node: fx.Node, write: bool) -> bool:

@@ -323,7 +323,13 @@ def _scale_config(config, kind: str, kept: int, total: int) -> None:
     """Scale the config fields counting units of ``kind``. A config that derives the head size
     (hidden / heads) gets it written down when heads are pruned, so that it stays the same."""
     derived = _derived_head_dim(config) if getattr(config, "head_dim", None) is None else None
+    aliases = getattr(config, "attribute_map", {}) or {}
+    done = set()  # two names of one field (num_local_experts -> n_routed_experts) scale it once
     for field in CONFIG_FIELDS.get(kind, ()):
+        real = aliases.get(field, field)
+        if real in done:
+            continue
+        done.add(real)
         value = getattr(config, field, None)
         if isinstance(value, int) and not isinstance(value, bool) and value % total == 0:
             _try_setattr(config, field, value // total * kept)

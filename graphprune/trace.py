@@ -105,8 +105,8 @@ def traceable_experts(model: torch.nn.Module):
     if not callable(can_set) or not can_set() or getattr(model.config, "_experts_implementation", None) == TRACEABLE_EXPERTS:
         yield
         return
-    saved = [(m.config, m.config.__dict__.get("_experts_implementation_internal"))
-             for m in model.modules() if is_hf_model(m)]
+    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "to_dict")}
+    saved = [(c, c.__dict__.get("_experts_implementation_internal")) for c in configs.values()]
     try:
         model.set_experts_implementation(TRACEABLE_EXPERTS)
         yield

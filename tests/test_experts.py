@@ -209,3 +209,108 @@ def test_command_line_prunes_experts_of_a_default_kernel_mixtral_folder(tmp_path
     assert cli.main(["compile", str(tmp_path / "moe"), "--ratio", "0.3", "--kinds", "experts", "--out", str(tmp_path / "small"), "-q"]) == 0
     config = json.loads((tmp_path / "small" / "config.json").read_text())
     assert 2 <= config["num_local_experts"] < 4  # fewer experts, never fewer than top-k
+
+
+# ---------------------------------------------------------------- review findings, as regressions
+class Routed(nn.Module):
+    """Router + top-2 + expert weights indexed by the choice, with one extra use of the routing to test."""
+
+    def __init__(self, extra: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.router = nn.Linear(8, 4, bias=False)
+        self.w = nn.Parameter(torch.randn(4, 8, 8) * 0.3)
+        self.out = nn.Linear(8, 8)
+        self.register_buffer("first", torch.zeros(1, dtype=torch.long))
+        self.extra = extra
+
+    def forward(self, x):
+        logits = self.router(x)
+        if self.extra == "smallest":  # nearest-centroid style: a removed expert would be the smallest
+            weights, choice = logits.topk(2, -1, largest=False)
+            weights = weights.softmax(-1)
+        else:
+            weights, choice = logits.softmax(-1).topk(2, -1)
+        h = (torch.matmul(x[:, None, None, :], self.w[choice]).squeeze(2) * weights[..., None]).sum(1)
+        y = self.out(h)
+        if self.extra == "choice as number":  # the first choice compared with 0 (index_select'ed first)
+            y = y + (choice.index_select(1, self.first) == 0).float()
+        if self.extra == "logits reduced":  # a z-loss-like term: the router's logits used as values
+            y = y + logits.pow(2).sum(-1, keepdim=True)
+        return y
+
+
+def pruned_vs_masked(dg, keep: dict[str, list[int]], inputs: dict) -> float:
+    plan = experts_plan(dg, keep)
+    pruned = graphprune.rewrite(dg, plan.leaf_keep(dg))
+    masked = graphprune.insert_masks(dg, [dg.group(n) for n in keep])
+    masked.set_keep(keep)
+    with torch.no_grad():
+        a, b = pruned(**inputs), masked(**inputs)
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("extra", ["choice as number", "smallest"])
+def test_routing_that_renumbering_would_change_freezes_the_experts(extra):
+    x = torch.randn(6, 8)
+    dg = graphprune.analyze(Routed(extra), example_inputs=(x,))
+    assert not [g for g in dg.groups if g.kind == "experts"]
+
+
+def test_router_logits_used_as_values_are_masked_there_too():
+    x = torch.randn(6, 8)
+    dg = graphprune.analyze(Routed("logits reduced"), example_inputs=(x,))
+    (g,) = [g for g in dg.groups if g.kind == "experts"]
+    assert pruned_vs_masked(dg, {g.name: [1, 2, 3]}, {"x": x}) < 1e-5
+
+
+def test_a_top_k_floor_spreads_over_groups_of_experts():
+    """16 experts in 4 groups, the best 2 groups searched, top-4: 2 groups must stay, not all 4."""
+    model_cls, spec = transformers.DeepseekV3ForCausalLM, dict(zoo._SPECS["deepseek_v3"][2])
+    spec.update(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    torch.manual_seed(0)
+    model = model_cls(transformers.DeepseekV3Config(**zoo._SPECIAL_TOKENS, **spec, use_cache=False)).eval()
+    dg = graphprune.analyze(model)
+    experts = [g for g in dg.groups if g.kind == "experts"]
+    assert [(g.size, g.min_units) for g in experts] == [(4, 2)] * 2
+    ids = {"input_ids": torch.randint(3, 128, (2, 9)), "use_cache": False}
+    keep = {g.name: [0, 2] for g in experts}
+    plan = experts_plan(dg, keep)
+    pruned = graphprune.rewrite(dg, plan.leaf_keep(dg))
+    masked = graphprune.insert_masks(dg, experts)
+    masked.set_keep(keep)
+    with torch.no_grad():
+        assert torch.allclose(pruned(**ids).logits, masked(**ids).logits, atol=1e-5)
+    compiled = graphprune.compile(model, plan=plan, progress=False)
+    hf = compiled.to_hf()
+    assert hf.config.n_routed_experts == 8 and hf.config.n_group == 2  # scaled once (num_local_experts is an alias)
+
+
+def test_kv_cache_export_of_a_default_kernel_moe_keeps_the_plans_groups():
+    from graphprune.kvcache import cached_graph
+
+    spec = {k: v for k, v in zoo._SPECS["mixtral"][2].items() if k != "experts_implementation"}
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**zoo._SPECIAL_TOKENS, **spec)).eval()
+    small = graphprune.compile(model, 0.3, kinds=("experts", "channels"), progress=False)
+    cached_graph(small)  # traced through the same kernel as the plain graph, so the plan's groups exist
+    assert model.config._experts_implementation == "grouped_mm"
+
+
+def test_tracing_kernel_is_restored_on_every_submodel_of_a_multimodal_moe():
+    """Qwen3-VL-MoE's top config has no vocab_size: its setting was left at batched_mm before."""
+    from graphprune.trace import traceable_experts
+
+    config = transformers.Qwen3VLMoeConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                         rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32))
+    model = transformers.Qwen3VLMoeForConditionalGeneration(config)
+
+    def kernels():
+        return [m.config._experts_implementation for m in model.modules() if isinstance(m, transformers.PreTrainedModel)]
+
+    before = kernels()
+    with traceable_experts(model):
+        assert set(kernels()) == {"batched_mm"}
+    assert kernels() == before and "batched_mm" not in before

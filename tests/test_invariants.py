@@ -123,3 +123,47 @@ def test_in_place_ops_on_values_keep_removed_channels_zero():
     small = graphprune.compile(InPlaceMLP(), 0.3, kinds=("channels",), example_inputs=(ids,), progress=False)
     assert small.plan.kept_widths()["model:channels"][0] < 24
     assert graphprune.verify(small, trials=2).ok
+
+
+class ViewChainWrite(torch.nn.Module):
+    """An in-place write through two views (``h.unsqueeze(0)[0].mul_(2)``) must reach ``h``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(16, 8), torch.nn.Linear(8, 16)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h.unsqueeze(0)[0].mul_(2.0)
+        return self.b(h)
+
+
+def test_in_place_writes_through_a_chain_of_views_stay_exact():
+    x = torch.randn(2, 5, 16)
+    model = ViewChainWrite()
+    dg = graphprune.analyze(model, example_inputs=(x,))
+    masked = graphprune.insert_masks(dg)
+    with torch.no_grad():
+        assert torch.allclose(masked(x=x), model(x), atol=1e-6)  # all-ones masks: the dense model
+    plan = random_plan(dg, ("channels",), 0.6, 1)
+    pruned = graphprune.rewrite(dg, plan.leaf_keep(dg))
+    masked.set_keep({g.name: g.keep for g in plan.groups})
+    with torch.no_grad():
+        assert torch.allclose(pruned(x=x), masked(x=x), atol=1e-5)
+
+
+def test_scatter_reads_only_part_of_its_source_which_then_stays_whole():
+    class PartScatter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = torch.nn.Linear(16, 8), torch.nn.Linear(4, 16)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            index = torch.arange(4).expand(*h.shape[:-1], 4)
+            return self.b(torch.zeros(*h.shape[:-1], 4).scatter(-1, index, h))  # reads h[..., :4]
+
+    dg = graphprune.analyze(PartScatter(), example_inputs=(torch.randn(2, 5, 16),))
+    assert not any(m.param.startswith("a.") for g in dg.groups for m in g.members)

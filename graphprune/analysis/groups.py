@@ -96,10 +96,16 @@ def find_groups(
             for leaf in table.leaves(a):
                 leaf_members.setdefault(leaf, []).append((name, d))
     tags = _tag_index(table)
-    floors: dict[int, int] = {}  # a floor on a refined axis holds, conservatively, for each of its leaves
+    # a floor of n on an axis of S indices made of leaves: if one leaf (s indices) is prunable, it keeps
+    # ceil(n * s / S) (16 experts in 4 groups, top-4: one group); if several are, each keeps min(n, s),
+    # which holds for any combination of them
+    floors: dict[int, int] = {}
     for root, n in table.floors.items():
-        for leaf in table.leaves(root):
-            floors[leaf] = max(floors.get(leaf, 1), min(n, table.size[leaf]))
+        parts = table.leaves(root)
+        prunable = [leaf for leaf in parts if leaf not in frozen and table.size[leaf] > 1]
+        for leaf in parts:
+            need = -(-n * table.size[leaf] // table.size[table.find(root)]) if len(prunable) == 1 else n
+            floors[leaf] = max(floors.get(leaf, 1), min(need, table.size[leaf]))
     groups, frozen_params = [], {}
     for leaf, members in leaf_members.items():
         if leaf in frozen:

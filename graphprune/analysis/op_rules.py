@@ -452,7 +452,7 @@ def routing(dim_index: int):
         src = node.args[0]
         ax = list(w.of(src))
         d = arg(node, dim_index, "dim", -1) % len(ax)
-        if not w.is_static(src, d):
+        if not w.is_static(src, d) or arg(node, 3, "largest", True) is False:  # (a smallest-k would pick -inf)
             return frozen(w, node)
         w.route(node, d, ax[d])
         val = node.meta.get("val")
@@ -541,9 +541,7 @@ def gather(w: Walk, node: fx.Node):
     if not w.pick(index, ax[d], node):
         w.freeze([ax[d]], node, "indexed by a tensor")
     _align_index(w, node, ax, ia, d, w.shape(src), w.shape(index))
-    if src in w.values:  # choices gathered: still choices
-        w.values[node] = w.values[src]
-    return ia
+    return ia  # (choices gathered are still choices: Walk passes them on)
 
 
 def scatter(w: Walk, node: fx.Node):
@@ -556,10 +554,14 @@ def scatter(w: Walk, node: fx.Node):
         w.freeze([ax[d]], node, "indexed by a tensor")
     _align_index(w, node, ax, ia, d, w.shape(x), w.shape(index))
     src = node.args[3] if len(node.args) > 3 else node.kwargs.get("src")
-    if is_tensor_node(src):
+    if is_tensor_node(src):  # src position i goes with index position i; the rest of src is not read
         for a, b, n, m in zip(w.of(src), ia, w.shape(src), w.shape(index)):
             if n == m:
                 w.union(a, b, node)
+            else:
+                w.freeze([a, b], node, "only part of this dimension is written")
+    if isinstance(w.values.get(x), int):  # choices overwritten by other numbers
+        w.freeze([w.values[x]], node, "the routing's choices are used as numbers here")
     return ax
 
 

@@ -78,6 +78,7 @@ class Walk:
     values: dict[fx.Node, object] = field(default_factory=dict)
     routes: list[RoutePoint] = field(default_factory=list)
     _gated: set[fx.Node] = field(default_factory=set)  # values already masked by a routing op upstream
+    _picked: set[fx.Node] = field(default_factory=set)  # index inputs the current node used as indices
     _symbols: dict[str, int] = field(default_factory=dict)
     _hints: dict = field(default_factory=dict)  # sympy expression -> its integer stand-in
     _by_tensor: dict[int, str] = field(default_factory=dict)  # id(tensor) -> canonical name (ties)
@@ -143,6 +144,7 @@ class Walk:
         chosen = self.values.get(index)
         if not isinstance(chosen, int):
             return False
+        self._picked.add(index)
         self.union(axis, chosen, node)
         self.table.tag(axis, "experts")
         return True
@@ -155,16 +157,17 @@ class Walk:
                 self.freeze([r.axis], nodes[r.node], "mixes values along this dimension")
 
     def _track_values(self, node: fx.Node, rule) -> None:
-        """Index values pass through ops that only move them; any other use freezes their axis
-        (renumbering the kept indices would change what that use computes)."""
-        carried = [(a, self.values[a]) for a in _tensor_inputs(node) if a in self.values]
-        if rule is not None and rule.keeps_values and carried and carried[0][0] is node.args[0]:
+        """After ``node``'s rule ran: index values pass through ops that only move them (and through
+        indexing, as the indexed source: ``choices[:, j]``); an index the rule picked by is used up;
+        any other use freezes their axis (renumbering the kept indices would change what it computes)."""
+        carried = [(a, self.values[a]) for a in _tensor_inputs(node) if a in self.values and a not in self._picked]
+        moves = rule is not None and (rule.keeps_values or rule.reads_values)
+        if moves and carried and carried[0][0] is node.args[0] and isinstance(carried[0][1], int) \
+                and isinstance(node.meta.get("val"), torch.Tensor):
             self.values[node] = carried[0][1]
             carried = carried[1:]
         if rule is not None and rule.keeps_values and node.args and node.args[0] in self._gated:
             self._gated.add(node)
-        if rule is not None and rule.reads_values:
-            return
         for _, chosen in carried:
             for axis in (chosen if isinstance(chosen, list) else [chosen]):
                 if axis is not None:
@@ -223,7 +226,13 @@ class Walk:
             if isinstance(chosen, list) and chosen[node.args[1]] is not None:
                 self.values[node] = chosen[node.args[1]]
             return
-        self._track_values(node, rule)
+        self._picked.clear()
+        try:
+            self._call_rule(node, rule, val)
+        finally:
+            self._track_values(node, rule)
+
+    def _call_rule(self, node: fx.Node, rule, val) -> None:
         has_tensor_out = isinstance(val, torch.Tensor) or (
             isinstance(val, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in val)
         )
