@@ -144,10 +144,8 @@ def insert_masks(dg: DependencyGraph, groups: list[Group] | None = None, weights
             continue
         ndim, out, inserted = len(axes), node, set()
         for d, m in factors:
-            shape = [1] * ndim
-            shape[d] = -1
             with graph.inserting_after(out):
-                view = graph.call_function(aten.view.default, (m, shape))
+                view = graph.call_function(aten.view.default, (m, _on_dim(ndim, d)))
             with graph.inserting_after(view):
                 typed = graph.call_function(aten.type_as.default, (view, node))
             with graph.inserting_after(typed):
@@ -176,9 +174,7 @@ def _zero_removed_in_place(graph: fx.Graph, node: fx.Node, factors) -> None:
         return last
 
     for d, m in factors:
-        shape = [1] * ndim
-        shape[d] = -1
-        removed = then(aten.eq.Scalar, then(aten.view.default, m, shape), 0)
+        removed = then(aten.eq.Scalar, then(aten.view.default, m, _on_dim(ndim, d)), 0)
         then(aten.masked_fill_.Scalar, target, removed, 0.0)
 
 
@@ -208,15 +204,21 @@ def _alias(node: fx.Node, write: bool) -> bool:
 def _gate_scores(graph: fx.Graph, node: fx.Node, dim: int, mask: fx.Node) -> None:
     """``node`` (a routing softmax/top-k) reads ``scores + log(mask)`` along ``dim``: ``-inf`` where 0."""
     scores = node.args[0]
-    shape = [1] * tensor_meta(scores).dim()
-    shape[dim] = -1
     with graph.inserting_before(node):
-        m = graph.call_function(aten.type_as.default, (graph.call_function(aten.view.default, (mask, shape)), scores))
+        on_dim = graph.call_function(aten.view.default, (mask, _on_dim(tensor_meta(scores).dim(), dim)))
+        m = graph.call_function(aten.type_as.default, (on_dim, scores))
         # clamp: log(0) would give an inf whose gradient through the unused where() branch is nan
         logm = graph.call_function(aten.log.default, (graph.call_function(aten.clamp_min.default, (m, 1e-30)),))
         live = graph.call_function(aten.ne.Scalar, (m, 0))
         gated = graph.call_function(aten.where.ScalarOther, (live, graph.call_function(aten.add.Tensor, (scores, logm)), float("-inf")))
     node.replace_input_with(scores, gated)
+
+
+def _on_dim(ndim: int, dim: int) -> list[int]:
+    """The view shape that lays a mask over positions along ``dim`` of an ``ndim``-d value."""
+    shape = [1] * ndim
+    shape[dim] = -1
+    return shape
 
 
 def _mul_first(graph: fx.Graph, first: fx.Node, a: fx.Node, b: fx.Node) -> fx.Node:

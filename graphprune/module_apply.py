@@ -48,6 +48,7 @@ from .trace import is_hf_model
 _HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "num_kv_heads", "n_kv_heads")
 _WIDTHS = ("split_size", "all_head_size", "inner_dim")  # heads x head_dim, used by forward code to split
 _HEAD_DIMS = ("head_dim", "head_size")
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "n_group", "num_group")
 SCALED_ATTRIBUTES = {
     "heads": {"multiple": _HEAD_COUNTS + _WIDTHS, "maybe": ("embed_dim",)},
     "query_heads": {"multiple": ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_groups") + _WIDTHS,
@@ -56,7 +57,7 @@ SCALED_ATTRIBUTES = {
     "channels": {"multiple": ("intermediate_size", "ffn_dim", "n_inner", "moe_intermediate_size", "intermediate_dim"),
                  "equal": _HEAD_DIMS + ("kv_lora_rank", "q_lora_rank")},  # (multi-head latent attention's ranks)
     # a unit is one expert, or one group of experts under group-limited routing (DeepSeek's n_group)
-    "experts": {"multiple": ("num_experts", "num_local_experts", "n_routed_experts", "n_group", "num_group")},
+    "experts": {"multiple": _EXPERT_COUNTS},
 }
 SUBTREE_KINDS = ("experts",)  # the router and the experts are submodules of the block the group is named after
 # Hugging Face config fields per kind, updated when every group of the kind kept the same count
@@ -66,10 +67,10 @@ CONFIG_FIELDS = {
     "head_dim": ("head_dim",),
     "channels": ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "moe_intermediate_size"),
     "hidden": ("hidden_size", "n_embd", "d_model"),
-    "experts": ("num_local_experts", "num_experts", "n_routed_experts", "n_group"),
+    "experts": _EXPERT_COUNTS,  # (a name the config lacks is skipped; aliases scale their field once)
 }
 # Counts a model keeps beside its config, per kind (MixtralForCausalLM.num_experts, for its router loss)
-MODEL_COUNTS = {"experts": ("num_experts", "num_local_experts", "n_routed_experts", "n_group")}
+MODEL_COUNTS = {"experts": _EXPERT_COUNTS}
 _EPS_NAMES = ("variance_epsilon", "eps", "epsilon")  # a norm's epsilon, scaled with its width
 GROUPED_MM_ALIGN = 8  # elements: 16-byte strides in 2-byte dtypes, which the grouped_mm kernels require
 

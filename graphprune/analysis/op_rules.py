@@ -520,9 +520,15 @@ def index_select(w: Walk, node: fx.Node):
     return out
 
 
-def _align_index(w: Walk, node: fx.Node, ax, ia, d: int, shape, index_shape) -> None:
-    """gather/scatter: outside ``dim``, index position i is tensor position i (or, over a shorter
-    index, only the first ones: both frozen)."""
+def _index_along(w: Walk, node: fx.Node, x: fx.Node, dim: int, index: fx.Node):
+    """gather/scatter on ``x`` along ``dim`` by ``index``: that axis is picked by routing choices (or
+    frozen); outside ``dim``, index position i is tensor position i (over a shorter index, only the
+    first ones: both frozen). Returns (x's axes, index's axes, dim)."""
+    ax, ia = list(w.of(x)), list(w.of(index))
+    d = dim % len(ax)
+    if not w.pick(index, ax[d], node):
+        w.freeze([ax[d]], node, "indexed by a tensor")
+    shape, index_shape = w.shape(x), w.shape(index)
     for k in range(len(ax)):
         if k == d:
             continue
@@ -530,17 +536,14 @@ def _align_index(w: Walk, node: fx.Node, ax, ia, d: int, shape, index_shape) -> 
             w.union(ax[k], ia[k], node)
         else:
             w.freeze([ax[k], ia[k]], node, "indexed over part of a dimension")
+    return ax, ia, d
 
 
 def gather(w: Walk, node: fx.Node):
     """``out[..., j, ...] = src[..., index[..., j, ...], ...]`` along ``dim``: the output has the
     index's axes; routing choices as the index pick along ``src``'s axis (a router's chosen scores)."""
     src, dim, index = node.args[:3]
-    ax, ia = list(w.of(src)), list(w.of(index))
-    d = dim % len(ax)
-    if not w.pick(index, ax[d], node):
-        w.freeze([ax[d]], node, "indexed by a tensor")
-    _align_index(w, node, ax, ia, d, w.shape(src), w.shape(index))
+    _, ia, _ = _index_along(w, node, src, dim, index)
     return ia  # (choices gathered are still choices: Walk passes them on)
 
 
@@ -548,11 +551,7 @@ def scatter(w: Walk, node: fx.Node):
     """``out = self`` with ``src`` (or a value) written at ``index`` along ``dim``: routing choices as
     the index write along ``self``'s axis (a mask of the chosen experts)."""
     x, dim, index = node.args[:3]
-    ax, ia = list(w.of(x)), list(w.of(index))
-    d = dim % len(ax)
-    if not w.pick(index, ax[d], node):
-        w.freeze([ax[d]], node, "indexed by a tensor")
-    _align_index(w, node, ax, ia, d, w.shape(x), w.shape(index))
+    ax, ia, _ = _index_along(w, node, x, dim, index)
     src = node.args[3] if len(node.args) > 3 else node.kwargs.get("src")
     if is_tensor_node(src):  # src position i goes with index position i; the rest of src is not read
         for a, b, n, m in zip(w.of(src), ia, w.shape(src), w.shape(index)):
