@@ -5,7 +5,8 @@
     print(small.report)
     print(graphprune.verify(small))                # pruned graph == masked dense graph
 
-Each stage is public on its own: ``trace``, ``analyze``, ``score``, ``make_plan``, ``rewrite``.
+Each stage is public on its own: ``trace``, ``analyze``, ``score``, ``make_plan``, ``reconstruct``
+(optional: refit the layers that lose inputs), ``rewrite``.
 """
 from .analysis import ALL_KINDS, DEFAULT_KINDS, DependencyGraph, Group, OpRule, analyze, register_op_rule
 from .api import CompiledModel, Report, Verification, compile, load, verify
@@ -25,6 +26,7 @@ from .kvcache import CachedGraph, cached_graph, export_onnx_with_cache
 from .io import load_hf
 from .masking import MaskedModel, insert_masks
 from .module_apply import ModuleApplyError, apply_plan_to_module
+from .reconstruct import reconstruct
 from .plan import PruningPlan, keep_all_plan, make_plan, random_plan
 from .registry import ScoringPass, available_passes, register_pass
 from .rewrite import rewrite
@@ -37,7 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "evaluate", "finetune", "apply_plan_to_module", "ModuleApplyError",
     "export_onnx", "export_onnx_with_cache", "cached_graph", "CachedGraph", "OnnxSession", "generate",
-    "compile", "load", "load_hf", "verify", "trace", "analyze", "score", "make_plan", "keep_all_plan", "random_plan", "rewrite",
+    "compile", "load", "load_hf", "verify", "trace", "analyze", "score", "make_plan", "keep_all_plan", "random_plan", "reconstruct", "rewrite",
     "insert_masks", "register_pass", "register_op_rule", "available_passes",
     "CompiledModel", "Report", "Verification", "DependencyGraph", "Group", "OpRule", "PruningPlan",
     "MaskedModel", "ScoringPass", "ScoringContext", "Scores", "Traced", "DEFAULT_KINDS", "ALL_KINDS",

@@ -26,8 +26,9 @@ from .errors import ExportError, GraphpruneError, LoadError, PlanError
 from .flops import count_flops, flops_tokens
 from .masking import insert_masks
 from .plan import PruningPlan, atomic_write_text, check_ratio, make_plan, usual_modes
+from .reconstruct import DEFAULT_SAMPLES, reconstruct_options, reconstruct_weights
 from .rewrite import rewrite
-from .data import as_tokenizer, load_tokenizer
+from .data import as_tokenizer, calibration, load_tokenizer
 from .registry import check_options, get_pass
 from .scoring import score
 from .trace import Traced, trace
@@ -55,6 +56,7 @@ class Report:
     flops_after: int | None = None
     flops_tokens: int = 0
     scoring: dict = field(default_factory=dict)  # what the scoring pass reported (Scores.info)
+    reconstruction: dict = field(default_factory=dict)  # layers refit after planning (graphprune.reconstruct)
 
     @property
     def achieved_ratio(self) -> float:
@@ -88,6 +90,10 @@ class Report:
         if self.flops_before and self.flops_after:
             lines.insert(3, f"  FLOPs/forward   {self.flops_before:>14,} -> {self.flops_after:>14,} ({1 - self.flops_after / self.flops_before:.1%} fewer; "
                             f"{self.flops_tokens} tokens)")
+        if self.reconstruction.get("layers"):
+            r = self.reconstruction
+            lines.append(f"  reconstruction  {r['layers']} layers refit on {r['samples']} samples: their output error "
+                         f"{r['mean_error_sliced']:.2%} -> {r['mean_error_refit']:.2%} (mean)")
         if self.unsupported_ops:
             lines.append("  ops without a rule (channels frozen): " + ", ".join(f"{k} x{v}" for k, v in self.unsupported_ops.items()))
         return "\n".join(lines) + "\n" + self.table()
@@ -341,6 +347,7 @@ def compile(
     example_inputs=None,
     example_kwargs: dict | None = None,
     strict: bool = False,
+    reconstruct=False,
     progress: bool = True,
     **method_config,
 ) -> CompiledModel:
@@ -360,7 +367,11 @@ def compile(
     Data-driven methods take ``calib`` (a corpus name such as ``"wikitext2"``, a text file, a
     ``datasets.Dataset``, a list of strings, or token ids) as ``n_samples`` windows of ``seq_len``
     tokens drawn with ``seed``; text is tokenized with ``tokenizer`` (default: the model's own,
-    from the local folder it was loaded from). The caller's model is never modified.
+    from the local folder it was loaded from). ``reconstruct=True`` (or a dict of
+    ``graphprune.reconstruct``'s options: ``n_samples`` (default 128), ``damp``, ``batch_size``,
+    ``memory_mib``) then refits the layers that lose inputs by least squares on ``calib``, so that
+    their outputs stay close to the dense model's (it needs ``calib``, also when replaying a
+    ``plan``). The caller's model is never modified.
     """
     from .data import check_fits, check_seq_len, check_size, check_text_source
 
@@ -380,6 +391,9 @@ def compile(
                           "which already says what is removed", stacklevel=2)
         ratio = plan.ratio
     protect_layers = check_protect_layers(protect_layers)
+    recon = reconstruct_options(reconstruct)
+    if recon is not None and calib is None:
+        raise GraphpruneError("reconstruct refits layers on calibration data: pass calib=... (a corpus name, texts or token ids)")
     scorer_cls = type(method) if not isinstance(method, str) else (get_pass(method) if plan is None else None)
     if scorer_cls is not None and isinstance(method, str):
         check_options(scorer_cls, method_config)  # before tracing: a typo should not cost a trace
@@ -390,7 +404,7 @@ def compile(
     kinds, ignore = as_names(kinds), as_names(ignore)
     check_size(n_samples, "n_samples")
     check_seq_len(seq_len)
-    if calib is not None and plan is not None:  # nothing is scored: a calib given anyway is a mistake to hear of
+    if calib is not None and plan is not None and recon is None:  # nothing is scored: a calib given anyway is a mistake to hear of
         warnings.warn("graphprune: calib= is ignored: plan= replays a plan without scoring", stacklevel=2)
     elif calib is not None:
         # before tracing: a missing file, windows longer than the model's positions (torch.export's
@@ -403,7 +417,7 @@ def compile(
         if tokenizer is None and not isinstance(calib, torch.Tensor) and not hasattr(calib, "input_ids"):
             tokenizer = load_tokenizer(model)  # text calibration data: the model's own tokenizer
     seconds: dict[str, float] = {}
-    bar = tqdm(total=5, disable=not progress, leave=False)
+    bar = tqdm(total=5 + (recon is not None), disable=not progress, leave=False)
     try:
         with _stage(seconds, "trace", bar):
             traced = trace(model, example_inputs=example_inputs, example_kwargs=example_kwargs)
@@ -425,8 +439,15 @@ def compile(
                                  ignore=ignore, method=method if isinstance(method, str) else method.name,
                                  model_class=traced.model_class)
             leaf_keep = plan.leaf_keep(dg)
+        weights = getattr(scores, "weights", None) or {}
+        reconstruction = None
+        if recon is not None:
+            with _stage(seconds, "reconstruct", bar):
+                data = calibration(calib, tokenizer, recon.pop("n_samples", DEFAULT_SAMPLES), seq_len, seed)
+                reconstruction = reconstruct_weights(dg, plan, data, weights=weights, example_kwargs=traced.example_kwargs,
+                                                      progress=progress, **recon)
+                weights = reconstruction.weights
         with _stage(seconds, "rewrite", bar):
-            weights = getattr(scores, "weights", None) or {}
             module = rewrite(dg, leaf_keep, weights=weights)
     finally:
         bar.close()
@@ -436,6 +457,7 @@ def compile(
         groups=[(g.name, g.kind, len(g.keep), g.size) for g in plan.groups], seconds=seconds,
         frozen=dg.frozen_report(), unsupported_ops=dict(dg.walk.unsupported),
         scoring=dict(getattr(scores, "info", None) or {}),
+        reconstruction=reconstruction.summary() if reconstruction is not None else {},
     )
     report.flops_tokens = flops_tokens(traced.config)
     report.flops_before = count_flops(traced.module, traced.example_kwargs, report.flops_tokens)

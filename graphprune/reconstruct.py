@@ -1,0 +1,348 @@
+"""Reconstruction: refit the layers that lose inputs, by least squares on calibration data.
+
+A plan that removes units also removes inputs of the layers that read them: ``down_proj`` loses the
+removed MLP channels, ``o_proj`` the removed heads, every projection the removed hidden channels.
+Slicing drops those columns of the weight, and the layer's output moves by what they contributed.
+Reconstruction refits the kept columns ``W'`` so that the pruned layer's output stays close to the
+dense one on calibration data (ridge regression towards the kept weights themselves):
+
+    W' = argmin ‖W·X − W'·X̃_K‖² + λ‖W' − W_K‖²  =  (W·X·X̃_Kᵀ + λ·W_K) · (X̃_K·X̃_Kᵀ + λ·I)⁻¹
+
+``X`` is the layer's input in the dense model; ``X̃_K`` its kept inputs in the pruned model (the
+masked dense model with the plan's 0/1 masks, which the pruned one equals), so errors of earlier
+layers are taken into account too; ``λ = damp ×`` the mean of ``diag(X̃_K·X̃_Kᵀ)``. A layer with a
+bias refits it with the weight (a constant input). Shapes stay the plan's: only values change, so the
+result verifies, saves, exports and fine-tunes like any compiled model.
+
+Which ops are such layers is data (``CONTRACTIONS``): an op, where its input and weight are, and
+which dim of the weight meets the input's last dim. A weight is refit only when it is a parameter
+that one node reads (a tied embedding is also the input table). The idea (refitting the remaining
+weights on calibration activations after structured pruning) is that of FLAP's bias compensation
+and of the layer-wise reconstruction in SlimGPT and ZipLM; the closed form is ordinary ridge regression.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from .analysis import DependencyGraph
+from .analysis.walk import fetch_attr
+from .errors import GraphpruneError
+from .rewrite import AxisMasks
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Contraction:
+    """Where an op's input and weight are; ``weight_dim`` is the weight's dim summed with the input's last."""
+
+    input: int
+    weight: int
+    weight_dim: int
+    bias: int | None = None
+
+
+CONTRACTIONS: dict = {
+    aten.linear.default: Contraction(input=0, weight=1, weight_dim=1, bias=2),  # y = x Wᵀ + b, W [out, in]
+    aten.addmm.default: Contraction(input=1, weight=2, weight_dim=0, bias=0),  # y = b + x W, W [in, out] (GPT-2 Conv1D)
+    aten.mm.default: Contraction(input=0, weight=1, weight_dim=0),  # y = x W
+}
+
+
+@dataclass
+class Layer:
+    """One layer to refit: its node, weight (and bias) names, and which inputs the plan keeps."""
+
+    node: str
+    weight: str
+    weight_dim: int
+    keep: torch.Tensor  # bool over the input dim
+    bias: str | None = None
+
+
+@dataclass
+class Reconstruction:
+    """The refit weights (dense shapes, as ``rewrite``'s ``weights``) and how much each layer's error fell."""
+
+    weights: "WeightUpdates"
+    samples: int
+    damp: float
+    # per layer (node name): relative output error ‖W·X − W'·X̃_K‖² / ‖W·X‖² with the sliced weights, then refit
+    errors: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        before = [b for b, _ in self.errors.values()]
+        after = [a for _, a in self.errors.values()]
+        mean = (lambda v: sum(v) / len(v) if v else 0.0)
+        return {"layers": len(self.errors), "samples": self.samples, "damp": self.damp,
+                "mean_error_sliced": mean(before), "mean_error_refit": mean(after),
+                "errors": {k: {"sliced": b, "refit": a} for k, (b, a) in self.errors.items()}}
+
+
+def layers_to_refit(dg: DependencyGraph, leaf_keep: dict) -> list[Layer]:
+    """Every contraction whose weight loses inputs under the plan, in graph order."""
+    masks = AxisMasks(dg, leaf_keep)
+    readers: dict[str, int] = {}
+    for n in dg.gm.graph.nodes:
+        if n.op == "get_attr":
+            name = dg.walk.aliases.get(n.target, n.target)
+            readers[name] = readers.get(name, 0) + len(n.users)
+    out = []
+    for n in dg.gm.graph.nodes:
+        rule = CONTRACTIONS.get(n.target) if n.op == "call_function" else None
+        if rule is None or len(n.args) <= rule.weight:
+            continue
+        weight = _param_name(dg, n.args[rule.weight])
+        if weight is None or readers.get(weight) != 1 or fetch_attr(dg.gm, weight).dim() != 2:
+            continue
+        axes = dg.params[weight]
+        in_axis, out_axis = axes[rule.weight_dim], axes[1 - rule.weight_dim]
+        if not masks.pruned(in_axis) or masks.kept(out_axis) == 0:
+            continue
+        keep = masks.mask(in_axis).bool()
+        if not keep.any():
+            continue
+        bias = None
+        if rule.bias is not None and len(n.args) > rule.bias and isinstance(n.args[rule.bias], fx.Node):
+            bias = _param_name(dg, n.args[rule.bias])
+            if bias is not None and (readers.get(bias) != 1 or fetch_attr(dg.gm, bias).dim() != 1):
+                continue  # a shared bias: refitting it for this layer would change another
+        out.append(Layer(n.name, weight, rule.weight_dim, keep, bias))
+    return out
+
+
+def _param_name(dg: DependencyGraph, node) -> str | None:
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    name = dg.walk.aliases.get(node.target, node.target)
+    return name if name in dg.params and isinstance(fetch_attr(dg.gm, name), torch.nn.Parameter) else None
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Capture(fx.Interpreter):
+    """Runs the graph and keeps the (flattened) input of the chosen nodes; stops after the last one."""
+
+    def __init__(self, gm, inputs_of: dict[str, int], last: str):
+        super().__init__(gm)
+        self.inputs_of, self.last, self.seen = inputs_of, last, {}
+
+    def run_node(self, n):
+        if n.name in self.inputs_of:
+            x = self.env[n.args[self.inputs_of[n.name]]]
+            self.seen[n.name] = x.reshape(-1, x.shape[-1])
+            if n.name == self.last:
+                raise _Stop
+        return super().run_node(n)
+
+
+def _captured(masked, layers: list[Layer], kwargs: dict, inputs_of: dict[str, int]) -> dict[str, torch.Tensor]:
+    names = [n.target for n in masked.module.graph.nodes if n.op == "placeholder"]
+    missing = [n for n in names if n not in kwargs]
+    if missing:
+        raise GraphpruneError(f"reconstruct: the graph takes inputs {missing} that calibration batches do not give")
+    capture = _Capture(masked.module, inputs_of, layers[-1].node)
+    try:
+        with torch.no_grad():
+            capture.run(*[kwargs[n] for n in names])
+    except _Stop:
+        pass
+    return capture.seen
+
+
+def _weight_rows(dg, layer: Layer, weights) -> torch.Tensor:
+    """The layer's weight as [out, in] in float64 (its bias as one more input column), with the pass's updates."""
+    w = weights[layer.weight] if layer.weight in weights else fetch_attr(dg.gm, layer.weight)
+    w = w.detach().double()
+    if layer.weight_dim == 0:
+        w = w.T
+    if layer.bias is not None:
+        b = weights[layer.bias] if layer.bias in weights else fetch_attr(dg.gm, layer.bias)
+        w = torch.cat([w, b.detach().double().unsqueeze(1)], dim=1)
+    return w
+
+
+def _with_ones(x: torch.Tensor, bias: bool) -> torch.Tensor:
+    return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if bias else x
+
+
+def reconstruct_weights(dg: DependencyGraph, plan, calib, *, weights=None, example_kwargs: dict | None = None,
+                        damp: float = 0.1, batch_size: int = 8, memory_mib: int = 2048, progress: bool = False) -> Reconstruction:
+    """Refit every layer that loses inputs under ``plan`` (see the module docstring).
+
+    ``calib`` is a :class:`graphprune.data.Calibration` (or token ids [n, seq]); ``weights`` the pass's
+    updated dense weights (merged LoRA), which the refit starts from. The statistics of at most
+    ``memory_mib`` worth of layers are gathered per pass over the calibration data (a model whose
+    layers need more takes several passes). Returns the new weights, dense-shaped, merged over ``weights``.
+    """
+    from .data import calibration as as_calibration
+    from .data import model_inputs
+    from .masking import insert_masks
+    from .scoring import WeightUpdates, example_kwargs_of
+
+    if not (isinstance(damp, (int, float)) and damp > 0):
+        raise GraphpruneError(f"reconstruct: damp must be a positive number, got {damp!r}")
+    calib = as_calibration(calib)
+    weights = WeightUpdates(weights)  # the pass's updates, some computed only when read (LoRAPrune's W0 + s·B·A)
+    leaf_keep = plan.leaf_keep(dg)
+    layers = layers_to_refit(dg, leaf_keep)
+    result = Reconstruction(weights=WeightUpdates(weights), samples=len(calib), damp=float(damp))
+    if not layers:
+        return result
+    example_kwargs = example_kwargs or example_kwargs_of(dg.gm)
+    masked = insert_masks(dg, [dg.group(g.name) for g in plan.groups], weights=weights)
+    keep = {g.name: g.keep for g in plan.groups}
+    for chunk in _chunks(layers, dg, memory_mib):
+        stats = _statistics(masked, chunk, keep, calib, example_kwargs, batch_size, progress, model_inputs)
+        for layer in chunk:
+            new, before, after = _refit(_weight_rows(dg, layer, weights), layer, *stats[layer.node], damp)
+            result.errors[layer.node] = (before, after)
+            _store(result.weights, dg, layer, new)
+    return result
+
+
+def _chunks(layers: list[Layer], dg, memory_mib: int):
+    """Consecutive layers whose float64 statistics fit in ``memory_mib`` (at least one per chunk)."""
+    chunk, used = [], 0
+    for layer in layers:
+        n_in = layer.keep.numel() + (layer.bias is not None)
+        n_kept = int(layer.keep.sum()) + (layer.bias is not None)
+        size = 8 * (n_in * n_in + n_in * n_kept + n_kept * n_kept) / 2**20
+        if chunk and used + size > memory_mib:
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(layer)
+        used += size
+    if chunk:
+        yield chunk
+
+
+def _statistics(masked, chunk, keep, calib, example_kwargs, batch_size, progress, model_inputs):
+    """Per layer: (X·Xᵀ, X·X̃_Kᵀ, X̃_K·X̃_Kᵀ) summed over the calibration set, in float64."""
+    inputs_of = {}
+    for layer in chunk:
+        node = next(n for n in masked.module.graph.nodes if n.name == layer.node)
+        inputs_of[layer.node] = CONTRACTIONS[node.target].input
+    stats: dict[str, list] = {layer.node: [0, 0, 0] for layer in chunk}
+    bar = tqdm(total=len(calib), desc="reconstruct", disable=not progress, leave=False)
+    try:
+        for ids in calib.batches(batch_size):
+            kwargs = model_inputs(example_kwargs, ids)
+            masked.set_keep({})
+            dense = _captured(masked, chunk, kwargs, inputs_of)
+            masked.set_keep(keep)
+            pruned = _captured(masked, chunk, kwargs, inputs_of)
+            for layer in chunk:
+                bias = layer.bias is not None
+                x = _with_ones(dense[layer.node].double(), bias)
+                xk = _with_ones(pruned[layer.node][:, layer.keep.to(pruned[layer.node].device)].double(), bias)
+                s = stats[layer.node]
+                s[0] = s[0] + x.T @ x
+                s[1] = s[1] + x.T @ xk
+                s[2] = s[2] + xk.T @ xk
+            bar.update(ids.shape[0])
+    finally:
+        bar.close()
+        masked.set_keep({})
+    return stats
+
+
+def _refit(w: torch.Tensor, layer: Layer, xx, xxk, xkxk, damp: float) -> tuple[torch.Tensor, float, float]:
+    """(refit kept columns [out, kept(+1)], relative error with the sliced weight, relative error refit)."""
+    cols = layer.keep.to(w.device)
+    if layer.bias is not None:
+        cols = torch.cat([cols, cols.new_ones(1)])
+    w_k = w[:, cols]
+    reg = damp * xkxk.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(xkxk.shape[0], dtype=xkxk.dtype, device=xkxk.device)
+    rhs = w @ xxk + reg * w_k  # [out, kept]
+    new = torch.linalg.solve(xkxk + reg * eye, rhs.T).T
+
+    def error(v: torch.Tensor) -> float:  # ‖W·X − V·X̃_K‖² from the three sums
+        target = (w @ xx * w).sum()
+        e = target - 2 * (w @ xxk * v).sum() + (v @ xkxk * v).sum()
+        return float(e.clamp_min(0) / target.clamp_min(1e-30))
+
+    return new, error(w_k), error(new)
+
+
+def _store(weights, dg, layer: Layer, new: torch.Tensor) -> None:
+    """Write the refit columns into dense-shaped copies of the weight (and bias)."""
+    if layer.bias is not None:
+        bias_old = weights[layer.bias] if layer.bias in weights else fetch_attr(dg.gm, layer.bias)
+        weights.set(layer.bias, new[:, -1].to(bias_old.dtype).detach().clone())
+        new = new[:, :-1]
+    old = weights[layer.weight] if layer.weight in weights else fetch_attr(dg.gm, layer.weight)
+    rows = old.detach().clone()
+    if layer.weight_dim == 0:
+        rows = rows.T
+    rows[:, layer.keep.to(rows.device)] = new.to(rows.dtype)
+    weights.set(layer.weight, (rows.T if layer.weight_dim == 0 else rows).contiguous())
+
+
+__all__ = ["CONTRACTIONS", "Contraction", "Layer", "Reconstruction", "layers_to_refit", "reconstruct_weights"]
+
+
+# ================================================================ public entry points
+OPTIONS = ("n_samples", "damp", "batch_size", "memory_mib")
+DEFAULT_SAMPLES = 128  # windows of calibration text; more than the scoring passes' default 16, since a
+# layer's statistics are ~width² numbers (SmolLM2 at 20%: 32 windows refit 8% of the way to dense, 256 windows 11%)
+
+
+def reconstruct_options(value) -> dict | None:
+    """``compile``'s ``reconstruct=``: False/None (off), True (defaults) or a dict of ``OPTIONS``."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(OPTIONS))
+        if unknown:
+            raise GraphpruneError(f"reconstruct: unknown option(s) {unknown}; the options are {list(OPTIONS)}")
+        return dict(value)
+    raise GraphpruneError(f"reconstruct must be True, False or a dict of {list(OPTIONS)}, got {type(value).__name__}")
+
+
+def reconstruct(compiled, calib, *, tokenizer=None, n_samples: int = DEFAULT_SAMPLES, seq_len: int = 128, seed: int = 0,
+                damp: float = 0.1, batch_size: int = 8, memory_mib: int = 2048, progress: bool = True):
+    """A copy of ``compiled`` whose layers that lost inputs are refit on ``calib`` (see the module docstring).
+
+    ``calib`` is what ``compile`` takes (a corpus name, a text file, a Dataset, strings or token ids),
+    drawn as ``n_samples`` windows of ``seq_len`` tokens with ``seed``. ``compile(..., calib=...,
+    reconstruct=True)`` does the same before its rewrite. Needs the dense model's analysis: call it on
+    the result of ``compile``, not ``load``; ``compiled`` itself is not changed.
+    """
+    import dataclasses
+
+    from .api import CompiledModel
+    from .data import as_tokenizer, calibration, check_fits, load_tokenizer
+    from .rewrite import rewrite
+
+    if not isinstance(compiled, CompiledModel):
+        raise GraphpruneError(f"reconstruct takes the CompiledModel that compile() returned, not a {type(compiled).__name__}")
+    if compiled.dg is None:
+        raise GraphpruneError("reconstruct needs the dense model's analysis: call it on the result of compile(), not load()")
+    if getattr(compiled, "finetune_info", None) is not None:
+        raise GraphpruneError("reconstruct refits a pruned model against the dense one it was cut from: call it before finetune()")
+    if compiled.report is not None and compiled.report.reconstruction.get("layers"):
+        raise GraphpruneError("this model's layers are refit already (compile(..., reconstruct=...) or reconstruct())")
+    if compiled.source is not None:
+        check_fits(compiled.source, calib, seq_len, "calib")
+    tokenizer = as_tokenizer(tokenizer)
+    if tokenizer is None and not isinstance(calib, torch.Tensor) and not hasattr(calib, "input_ids") and compiled.source is not None:
+        tokenizer = load_tokenizer(compiled.source)
+    data = calibration(calib, tokenizer, n_samples, seq_len, seed)
+    result = reconstruct_weights(compiled.dg, compiled.plan, data, weights=compiled.weights, example_kwargs=compiled.example_kwargs,
+                                 damp=damp, batch_size=batch_size, memory_mib=memory_mib, progress=progress)
+    module = rewrite(compiled.dg, compiled.plan.leaf_keep(compiled.dg), weights=result.weights)
+    report = dataclasses.replace(compiled.report, reconstruction=result.summary()) if compiled.report is not None else None
+    return dataclasses.replace(compiled, module=module, weights=result.weights, report=report)
+
+
+__all__ += ["OPTIONS", "reconstruct", "reconstruct_options"]

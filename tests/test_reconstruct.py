@@ -1,0 +1,152 @@
+"""Reconstruction: the layers that lose inputs are refit by least squares on calibration data."""
+import pytest
+import torch
+import torch.nn as nn
+from conftest import analysed, fresh_inputs, outputs
+
+import graphprune
+from graphprune.analysis.walk import fetch_attr
+from graphprune.reconstruct import layers_to_refit, reconstruct_weights
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class TinyLM(nn.Module):
+    """ids -> embedding -> up -> relu -> down (+ bias) -> head: one MLP whose channels can go."""
+
+    def __init__(self, vocab=50, hidden=8, width=24, bias=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, hidden)
+        self.up = nn.Linear(hidden, width, bias=False)
+        self.down = nn.Linear(width, hidden, bias=bias)
+        self.head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        return self.head(h + self.down(torch.relu(self.up(h))))
+
+
+def ids(n=16, seq=12, vocab=50, seed=1):
+    return torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def dense_kept_hidden(model, tokens, keep):
+    with torch.no_grad():
+        h = model.embed(tokens)
+        x = torch.relu(model.up(h)).reshape(-1, model.up.out_features).double()
+    return x, x[:, keep]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_refit_equals_least_squares_by_hand(bias):
+    model = TinyLM(bias=bias)
+    tokens = ids()
+    small = graphprune.compile(model, 0.5, method="magnitude", kinds=["channels"], progress=False,
+                               example_kwargs={"input_ids": tokens[:2]})
+    keep = torch.zeros(24, dtype=torch.bool)
+    keep[torch.as_tensor(small.plan.groups[0].keep)] = True
+    done = reconstruct_weights(small.dg, small.plan, tokens, damp=1e-9)
+    # by hand: the kept inputs (and a constant for the bias) that best give the dense layer's output
+    x, xk = dense_kept_hidden(model, tokens, keep)
+    w = model.down.weight.double()
+    target = x @ w.T + (model.down.bias.double() if bias else 0)
+    design = torch.cat([xk, torch.ones(len(xk), 1, dtype=xk.dtype)], 1) if bias else xk
+    solution = torch.linalg.lstsq(design, target).solution.T  # [out, kept(+1)]
+    got = done.weights["down.weight"][:, keep].double()
+    assert torch.allclose(got, solution[:, : int(keep.sum())], atol=1e-4)
+    if bias:
+        assert torch.allclose(done.weights["down.bias"].double(), solution[:, -1], atol=1e-4)
+    assert torch.equal(done.weights["down.weight"][:, ~keep], model.down.weight[:, ~keep])  # removed columns: untouched (sliced away)
+    before, after = done.errors[next(iter(done.errors))]
+    assert after < before
+
+
+def test_damp_pulls_towards_the_kept_weights():
+    model = TinyLM()
+    small = graphprune.compile(model, 0.5, method="magnitude", kinds=["channels"], progress=False,
+                               example_kwargs={"input_ids": ids()[:2]})
+    keep = torch.as_tensor(small.plan.groups[0].keep)
+    moved = {}
+    for damp in (1e-3, 1e3):
+        w = reconstruct_weights(small.dg, small.plan, ids(), damp=damp).weights["down.weight"][:, keep]
+        moved[damp] = (w - model.down.weight[:, keep]).norm()
+    assert moved[1e3] < 0.01 * moved[1e-3]
+
+
+def test_compile_with_reconstruct_is_closer_to_dense_and_verifies():
+    model, traced, _ = analysed("llama_gqa")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    vocab = fetch_attr(traced.module, "model.embed_tokens.weight").shape[0]
+    calib = torch.randint(0, vocab, (32, 16), generator=torch.Generator().manual_seed(0))
+    plain = graphprune.compile(model, 0.5, method="magnitude", progress=False)
+    refit = graphprune.compile(model, 0.5, method="magnitude", calib=calib, reconstruct={"damp": 0.01}, progress=False)
+    assert refit.plan.to_dict()["groups"] == plain.plan.to_dict()["groups"]
+    r = refit.report.reconstruction
+    assert r["layers"] > 0 and r["mean_error_refit"] < r["mean_error_sliced"]
+    assert "reconstruct" in refit.report.seconds and "reconstruction" in str(refit.report)
+    assert graphprune.verify(refit).ok  # pruned == masked dense, with the refit weights
+    # closer to the dense model than plain slicing, on inputs it was not fit on
+    kwargs = fresh_inputs("llama_gqa", traced, 4, 16, seed=5)
+    with torch.no_grad():
+        dense, a, b = (outputs(m(**kwargs))[0] for m in (traced.module, plain.module, refit.module))
+    assert (b - dense).norm() < (a - dense).norm()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # caller untouched
+
+
+def test_reconstruct_after_compile_equals_reconstruct_in_compile():
+    model, traced, _ = analysed("llama_gqa")
+    vocab = fetch_attr(traced.module, "model.embed_tokens.weight").shape[0]
+    calib = torch.randint(0, vocab, (8, 16), generator=torch.Generator().manual_seed(0))
+    plain = graphprune.compile(model, 0.5, method="magnitude", progress=False)
+    later = graphprune.reconstruct(plain, calib, progress=False)
+    inside = graphprune.compile(model, 0.5, method="magnitude", calib=calib, reconstruct=True, progress=False)
+    kwargs = fresh_inputs("llama_gqa", traced, 2, 9)
+    assert torch.allclose(outputs(later(**kwargs))[0], outputs(inside(**kwargs))[0], atol=1e-5)
+    assert plain.report.reconstruction == {}  # the input is not changed
+    with pytest.raises(graphprune.GraphpruneError, match="refit already"):
+        graphprune.reconstruct(later, calib)
+
+
+def test_tied_weights_are_not_refit():
+    # hidden channels: every projection loses inputs; GPT-2's LM head is also its embedding table
+    _, _, dg = analysed("gpt2")
+    plan = graphprune.random_plan(dg, ["hidden"], 0.5, seed=0)
+    names = {layer.weight for layer in layers_to_refit(dg, plan.leaf_keep(dg))}
+    assert any(n.endswith("attn.c_attn.weight") for n in names)
+    assert not any("wte" in n or "lm_head" in n for n in names)
+
+
+def test_statistics_in_several_passes_give_the_same_refit():
+    model, traced, dg = analysed("llama_gqa")
+    vocab = fetch_attr(traced.module, "model.embed_tokens.weight").shape[0]
+    calib = torch.randint(0, vocab, (6, 10), generator=torch.Generator().manual_seed(0))
+    plan = graphprune.random_plan(dg, ["heads", "channels"], 0.5, seed=1)
+    one = reconstruct_weights(dg, plan, calib, example_kwargs=traced.example_kwargs)
+    many = reconstruct_weights(dg, plan, calib, example_kwargs=traced.example_kwargs, memory_mib=0)  # one layer per pass
+    assert len(one.errors) >= 2 and set(one.weights) == set(many.weights)
+    for name in one.weights:
+        assert torch.allclose(one.weights[name], many.weights[name], atol=1e-5), name
+
+
+def test_gpt2_conv1d_layers_are_refit_with_their_bias():
+    model, traced, dg = analysed("gpt2")
+    vocab = fetch_attr(traced.module, "transformer.wte.weight").shape[0]
+    calib = torch.randint(0, vocab, (8, 12), generator=torch.Generator().manual_seed(0))
+    plan = graphprune.random_plan(dg, ["channels"], 0.5, seed=0)
+    done = reconstruct_weights(dg, plan, calib, example_kwargs=traced.example_kwargs)
+    assert any(n.endswith("mlp.c_proj.bias") for n in done.weights)  # addmm: the bias is refit too
+    assert all(after < before for before, after in done.errors.values())
+
+
+def test_bad_options_and_missing_data_are_clear_errors():
+    model, traced, _ = analysed("llama_gqa")
+    with pytest.raises(graphprune.GraphpruneError, match="pass calib"):
+        graphprune.compile(model, 0.5, reconstruct=True, progress=False)
+    with pytest.raises(graphprune.GraphpruneError, match="unknown option"):
+        graphprune.compile(model, 0.5, calib=torch.zeros(2, 8, dtype=torch.long), reconstruct={"dampening": 1}, progress=False)
+    with pytest.raises(graphprune.GraphpruneError, match="True, False or a dict"):
+        graphprune.compile(model, 0.5, calib=torch.zeros(2, 8, dtype=torch.long), reconstruct="yes", progress=False)
+    small = graphprune.compile(model, 0.5, progress=False)
+    with pytest.raises(graphprune.GraphpruneError, match="damp"):
+        graphprune.reconstruct(small, torch.zeros(2, 8, dtype=torch.long), damp=0, progress=False)
