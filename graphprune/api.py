@@ -26,9 +26,9 @@ from .errors import ExportError, GraphpruneError, LoadError, PlanError
 from .flops import count_flops, flops_tokens
 from .masking import insert_masks
 from .plan import PruningPlan, atomic_write_text, check_ratio, make_plan, usual_modes
-from .reconstruct import DEFAULT_SAMPLES, reconstruct_options, reconstruct_weights
+from .reconstruct import DEFAULT_SAMPLES, reconstruct_options, reconstruct_weights, reconstruction_data
 from .rewrite import rewrite
-from .data import as_tokenizer, calibration, load_tokenizer
+from .data import as_tokenizer, load_tokenizer
 from .registry import check_options, get_pass
 from .scoring import score
 from .trace import Traced, trace
@@ -368,8 +368,8 @@ def compile(
     ``datasets.Dataset``, a list of strings, or token ids) as ``n_samples`` windows of ``seq_len``
     tokens drawn with ``seed``; text is tokenized with ``tokenizer`` (default: the model's own,
     from the local folder it was loaded from). ``reconstruct=True`` (or a dict of
-    ``graphprune.reconstruct``'s options: ``n_samples`` (default 128), ``damp``, ``batch_size``,
-    ``memory_mib``) then refits the layers that lose inputs by least squares on ``calib``, so that
+    ``graphprune.reconstruct``'s options: ``calib`` (default: the scoring's), ``n_samples`` (default
+    128), ``damp``, ``batch_size``, ``memory_mib``) then refits the layers that lose inputs by least squares on ``calib``, so that
     their outputs stay close to the dense model's (it needs ``calib``, also when replaying a
     ``plan``). The caller's model is never modified.
     """
@@ -392,8 +392,10 @@ def compile(
         ratio = plan.ratio
     protect_layers = check_protect_layers(protect_layers)
     recon = reconstruct_options(reconstruct)
-    if recon is not None and calib is None:
-        raise GraphpruneError("reconstruct refits layers on calibration data: pass calib=... (a corpus name, texts or token ids)")
+    if recon is not None:
+        # the windows are drawn now: a missing file or a bad id should not cost a trace
+        n_recon = recon.pop("n_samples", DEFAULT_SAMPLES)
+        recon["calib"] = reconstruction_data(model, recon.get("calib", calib), tokenizer, n_recon, seq_len, seed)
     scorer_cls = type(method) if not isinstance(method, str) else (get_pass(method) if plan is None else None)
     if scorer_cls is not None and isinstance(method, str):
         check_options(scorer_cls, method_config)  # before tracing: a typo should not cost a trace
@@ -443,9 +445,8 @@ def compile(
         reconstruction = None
         if recon is not None:
             with _stage(seconds, "reconstruct", bar):
-                data = calibration(calib, tokenizer, recon.pop("n_samples", DEFAULT_SAMPLES), seq_len, seed)
-                reconstruction = reconstruct_weights(dg, plan, data, weights=weights, example_kwargs=traced.example_kwargs,
-                                                      progress=progress, **recon)
+                reconstruction = reconstruct_weights(dg, plan, recon.pop("calib"), weights=weights,
+                                                      example_kwargs=traced.example_kwargs, progress=progress, **recon)
                 weights = reconstruction.weights
         with _stage(seconds, "rewrite", bar):
             module = rewrite(dg, leaf_keep, weights=weights)

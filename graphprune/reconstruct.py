@@ -22,6 +22,7 @@ and of the layer-wise reconstruction in SlimGPT and ZipLM; the closed form is or
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -290,7 +291,7 @@ __all__ = ["CONTRACTIONS", "Contraction", "Layer", "Reconstruction", "layers_to_
 
 
 # ================================================================ public entry points
-OPTIONS = ("n_samples", "damp", "batch_size", "memory_mib")
+OPTIONS = ("calib", "n_samples", "damp", "batch_size", "memory_mib")  # calib: other text than the scoring's
 DEFAULT_SAMPLES = 128  # windows of calibration text; more than the scoring passes' default 16, since a
 # layer's statistics are ~width² numbers (SmolLM2 at 20%: 32 windows refit 8% of the way to dense, 256 windows 11%)
 
@@ -309,6 +310,26 @@ def reconstruct_options(value) -> dict | None:
     raise GraphpruneError(f"reconstruct must be True, False or a dict of {list(OPTIONS)}, got {type(value).__name__}")
 
 
+def reconstruction_data(model, calib, tokenizer, n_samples: int, seq_len: int, seed: int):
+    """``calib`` as calibration windows, checked against ``model`` (when known) as compile checks its own."""
+    from .data import Calibration, as_tokenizer, calibration, check_fits, check_text_source, load_tokenizer
+
+    if calib is None:
+        raise GraphpruneError("reconstruct refits layers on calibration data: pass calib=... (a corpus name, texts or token ids)")
+    if isinstance(calib, Calibration):
+        return calib
+    if isinstance(calib, (str, os.PathLike)):
+        check_text_source(str(calib))
+    if model is not None:
+        check_fits(model, calib, seq_len, "calib")
+    tokenizer = as_tokenizer(tokenizer)
+    if tokenizer is None and not isinstance(calib, torch.Tensor) and not hasattr(calib, "input_ids"):
+        if model is None:
+            raise GraphpruneError("reconstruct: text calibration data needs tokenizer=")
+        tokenizer = load_tokenizer(model)
+    return calibration(calib, tokenizer, n_samples, seq_len, seed)
+
+
 def reconstruct(compiled, calib, *, tokenizer=None, n_samples: int = DEFAULT_SAMPLES, seq_len: int = 128, seed: int = 0,
                 damp: float = 0.1, batch_size: int = 8, memory_mib: int = 2048, progress: bool = True):
     """A copy of ``compiled`` whose layers that lost inputs are refit on ``calib`` (see the module docstring).
@@ -321,7 +342,6 @@ def reconstruct(compiled, calib, *, tokenizer=None, n_samples: int = DEFAULT_SAM
     import dataclasses
 
     from .api import CompiledModel
-    from .data import as_tokenizer, calibration, check_fits, load_tokenizer
     from .rewrite import rewrite
 
     if not isinstance(compiled, CompiledModel):
@@ -332,12 +352,7 @@ def reconstruct(compiled, calib, *, tokenizer=None, n_samples: int = DEFAULT_SAM
         raise GraphpruneError("reconstruct refits a pruned model against the dense one it was cut from: call it before finetune()")
     if compiled.report is not None and compiled.report.reconstruction.get("layers"):
         raise GraphpruneError("this model's layers are refit already (compile(..., reconstruct=...) or reconstruct())")
-    if compiled.source is not None:
-        check_fits(compiled.source, calib, seq_len, "calib")
-    tokenizer = as_tokenizer(tokenizer)
-    if tokenizer is None and not isinstance(calib, torch.Tensor) and not hasattr(calib, "input_ids") and compiled.source is not None:
-        tokenizer = load_tokenizer(compiled.source)
-    data = calibration(calib, tokenizer, n_samples, seq_len, seed)
+    data = reconstruction_data(compiled.source, calib, tokenizer, n_samples, seq_len, seed)
     result = reconstruct_weights(compiled.dg, compiled.plan, data, weights=compiled.weights, example_kwargs=compiled.example_kwargs,
                                  damp=damp, batch_size=batch_size, memory_mib=memory_mib, progress=progress)
     module = rewrite(compiled.dg, compiled.plan.leaf_keep(compiled.dg), weights=result.weights)
@@ -345,4 +360,4 @@ def reconstruct(compiled, calib, *, tokenizer=None, n_samples: int = DEFAULT_SAM
     return dataclasses.replace(compiled, module=module, weights=result.weights, report=report)
 
 
-__all__ += ["OPTIONS", "reconstruct", "reconstruct_options"]
+__all__ += ["OPTIONS", "reconstruct", "reconstruct_options", "reconstruction_data"]

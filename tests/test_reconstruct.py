@@ -78,12 +78,13 @@ def test_compile_with_reconstruct_is_closer_to_dense_and_verifies():
     model, traced, _ = analysed("llama_gqa")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     vocab = fetch_attr(traced.module, "model.embed_tokens.weight").shape[0]
-    calib = torch.randint(0, vocab, (32, 16), generator=torch.Generator().manual_seed(0))
+    calib = torch.randint(0, vocab, (4000,), generator=torch.Generator().manual_seed(0))  # a stream: windows drawn
     plain = graphprune.compile(model, 0.5, method="magnitude", progress=False)
-    refit = graphprune.compile(model, 0.5, method="magnitude", calib=calib, reconstruct={"damp": 0.01}, progress=False)
+    refit = graphprune.compile(model, 0.5, method="magnitude", calib=calib, reconstruct={"n_samples": 96},
+                               seq_len=16, progress=False)
     assert refit.plan.to_dict()["groups"] == plain.plan.to_dict()["groups"]
     r = refit.report.reconstruction
-    assert r["layers"] > 0 and r["mean_error_refit"] < r["mean_error_sliced"]
+    assert r["layers"] > 0 and r["mean_error_refit"] < r["mean_error_sliced"] and r["samples"] == 96
     assert "reconstruct" in refit.report.seconds and "reconstruction" in str(refit.report)
     assert graphprune.verify(refit).ok  # pruned == masked dense, with the refit weights
     # closer to the dense model than plain slicing, on inputs it was not fit on
@@ -148,5 +149,7 @@ def test_bad_options_and_missing_data_are_clear_errors():
     with pytest.raises(graphprune.GraphpruneError, match="True, False or a dict"):
         graphprune.compile(model, 0.5, calib=torch.zeros(2, 8, dtype=torch.long), reconstruct="yes", progress=False)
     small = graphprune.compile(model, 0.5, progress=False)
+    with pytest.raises(graphprune.GraphpruneError, match="no such text file"):
+        graphprune.compile(model, 0.5, calib=torch.zeros(2, 8, dtype=torch.long), reconstruct={"calib": "/nope.txt"}, progress=False)
     with pytest.raises(graphprune.GraphpruneError, match="damp"):
         graphprune.reconstruct(small, torch.zeros(2, 8, dtype=torch.long), damp=0, progress=False)
