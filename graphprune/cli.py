@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--option", "-O", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="an option of the scoring pass (see 'graphprune methods'); repeatable")
     c.add_argument("--plan", metavar="PLAN.json", help="replay a saved plan instead of scoring")
+    c.add_argument("--reconstruct", nargs="?", const=128, type=_positive, default=None, metavar="N",
+                   help="refit the layers that lose inputs by least squares on N windows of the calibration text "
+                        "(--calib, else wikitext2; N default 128)")
     c.add_argument("--strict", action="store_true", help="fail on an op without a rule instead of freezing its channels")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="load the model in this dtype (default float32)")
     c.add_argument("--finetune-steps", type=_non_negative, default=0, metavar="N", help="LoRA recovery steps after pruning (default 0: none)")
@@ -406,6 +409,7 @@ def cmd_compile(args) -> int:
         protect_layers=args.protect_layers, calib=None if args.plan else calib,  # a replay scores nothing
         tokenizer=tokenizer, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, plan=plan,
         example_kwargs=loaded.example_kwargs, strict=args.strict, progress=_progress(args), **options,
+        reconstruct={"calib": calib or "wikitext2", "n_samples": args.reconstruct} if args.reconstruct else False,
     )
     result: dict = {"model": str(args.model), "out": str(args.out), "method": method, "calib": calib}
     if args.verify:

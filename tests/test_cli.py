@@ -73,6 +73,15 @@ def test_compile_inspect_eval_export(tmp_path, stories_dir):
     assert np.abs(got - expected.detach().numpy()).max() < 1e-4
 
 
+def test_compile_with_reconstruct(tmp_path, stories_dir):
+    out = tmp_path / "refit"
+    result = stdout_json(run("compile", stories_dir, "--ratio", "0.3", "--out", out, "--reconstruct", "32", "--calib", "tinystories",
+                             "--verify", "--json", "-q", "--no-plot"))
+    r = result["report"]["reconstruction"]
+    assert r["layers"] > 0 and r["samples"] == 32 and r["mean_error_refit"] < r["mean_error_sliced"]
+    assert result["verify"]["ok"] and "reconstruct" in result["report"]["seconds"]
+
+
 def test_a_bad_argument_exits_2_with_one_line_in_a_real_process(stories_dir, tmp_path):
     proc = run("compile", stories_dir, "--out", tmp_path / "x", "--ratio", "2")
     assert proc.returncode == 2 and proc.stdout == ""

@@ -153,3 +153,26 @@ def test_bad_options_and_missing_data_are_clear_errors():
         graphprune.compile(model, 0.5, calib=torch.zeros(2, 8, dtype=torch.long), reconstruct={"calib": "/nope.txt"}, progress=False)
     with pytest.raises(graphprune.GraphpruneError, match="damp"):
         graphprune.reconstruct(small, torch.zeros(2, 8, dtype=torch.long), damp=0, progress=False)
+
+
+def test_a_real_model_pruned_with_reconstruction_has_lower_perplexity_on_unseen_text(stories_dir, tmp_path):
+    import gzip
+
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(stories_dir)
+    text = gzip.open(stories_dir.parents[1] / "tinystories" / "valid_head.txt.gz", "rt", encoding="utf-8").read()[:200_000]
+    fit, held_out = tmp_path / "fit.txt", tmp_path / "held_out.txt"
+    fit.write_text(text[:150_000])
+    held_out.write_text(text[150_000:])
+    common = dict(method="magnitude", kinds=["channels", "heads"], tokenizer=tok, progress=False)
+    plain = graphprune.compile(model, 0.3, **common)
+    refit = graphprune.compile(model, 0.3, calib=str(fit), seq_len=64, reconstruct={"n_samples": 256}, **common)
+
+    def ppl(m):
+        return graphprune.evaluate.perplexity(m, tok, str(held_out), seq_len=64, max_tokens=8192, progress=False).ppl
+
+    dense, sliced, refitted = ppl(model), ppl(plain), ppl(refit)
+    assert dense < refitted < sliced, (dense, refitted, sliced)
+    assert refit.report.reconstruction["layers"] == 2 * model.config.num_hidden_layers  # o_proj and down_proj of each block
