@@ -85,6 +85,7 @@ class Caps:
     # the pruning recipe, the same for every method that has no kinds of its own (PAT prunes the hidden size):
     kinds: str = "channels"  # comma list ("" = each method's default); see recipe_note() for why not heads
     protect_layers: str = "4,2"  # first,last blocks left whole by the uniform-allocation methods (LLM-Pruner's recipe)
+    reconstruct: str = ""  # JSON of compile's reconstruct= for every method ("" = none): refit the layers that lose inputs
     eval_batch: int = 8
     device: str = "auto"
 
@@ -159,6 +160,8 @@ def method_config(method: str, caps: Caps, extra: dict) -> dict:
             config.setdefault("protect_layers", [int(n) for n in caps.protect_layers.split(",")])
     if caps.method_steps is not None and "steps" in fields:
         config.setdefault("steps", caps.method_steps)
+    if caps.reconstruct:
+        config.setdefault("reconstruct", json.loads(caps.reconstruct))
     return config
 
 
@@ -186,13 +189,24 @@ def recovery_windows(caps: Caps, tok, steps: int, batch: int, seed: int = 0):
     return calibration(texts, tok, n_samples=steps * batch, seq_len=caps.finetune_seq_len, seed=seed)
 
 
+def reconstruct_note(caps: dict) -> list[str]:
+    if not caps.get("reconstruct"):
+        return []
+    return [f"**Reconstruction** (`reconstruct={caps['reconstruct']}` for every method, `graphprune.reconstruct`): after "
+            "planning, the layers that lose inputs (each MLP's down-projection under the channels recipe; every projection "
+            "that reads the hidden size under PAT's) are refit by least squares on "
+            "calibration windows so that their outputs stay close to the dense model's; the recovery starts from the "
+            "refit model. The damping and the sample count were chosen on WikiText-2 *validation* text "
+            "([validation.md](validation.md)).", ""]
+
+
 def recipe_note(caps: dict) -> list[str]:
     """What every method removes and protects (the options each case ran with are in the JSON)."""
     kinds = caps.get("kinds")
     if not kinds:
         return []
     protect = caps.get("protect_layers")
-    return [
+    return [*reconstruct_note(caps), 
         f"**Recipe**: every method without kinds of its own removes `{kinds}`"
         + (f"; those with uniform allocation (magnitude, Taylor, LoRAPrune) leave the first and last blocks "
            f"whole (`protect_layers={protect}`, " + ("LLM-Pruner's 4 and 2 of LLaMA-7B's 32)" if protect.replace(" ", "") == "4,2"
@@ -328,7 +342,7 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
 
 # ================================================================ orchestration (parent process)
 # caps added after cases were cached: at these values they leave a case's key as it was
-KEY_DEFAULTS = {"perplexities": ALL_PERPLEXITIES, "zeroshot": True}
+KEY_DEFAULTS = {"perplexities": ALL_PERPLEXITIES, "zeroshot": True, "reconstruct": ""}
 # the calibration text of the pruned cases (the dense ones have none): when the library changes what
 # "wikitext2" calibration reads, every pruned case must run again, so it is part of their key
 CALIBRATION_TEXT = "WikiText-2 train without its <unk> markers"
@@ -592,6 +606,10 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
     if seeded is not None:
         meta["seeds_targets"] = seeded
         lines += seeds_text(seeded)
+    refit = seeds_check(out_md, meta, RECONSTRUCT_RUN)
+    if refit is not None:
+        meta["reconstruct_targets"] = refit
+        lines += reconstruct_text(refit)
     missing = [r["method"] for r in runs if r.get("missing")]
     if missing:
         lines += [f"Missing (method not registered when this ran): {', '.join(sorted(set(missing)))}.", ""]
@@ -608,7 +626,8 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
 
 # runs of the 20% target on the whole test split that the main report quotes: the table's recovery
 # budget, and four times that budget (how much of the gap is the budget)
-WHOLE_SPLIT_RUNS = (REPO / "docs" / "whole_split", REPO / "docs" / "whole_split_4x_recovery")
+WHOLE_SPLIT_RUNS = (REPO / "docs" / "whole_split", REPO / "docs" / "whole_split_4x_recovery",
+                    REPO / "docs" / "whole_split_reconstruct")
 
 
 def quoted_run(out_md: Path, folder: Path) -> dict | None:
@@ -634,7 +653,7 @@ def whole_split_check(out_md: Path, folder: Path) -> dict | None:
     pruned = [r for r in data["results"] if r.get("method") != "dense" and r.get("rows")]
     caps = data["meta"]["caps"]
     return {**check, "command": data["meta"]["command"], "date": data["meta"]["date"], "tokens": tokens,
-            "folder": folder.name, "recovery_steps": caps["finetune_steps"],
+            "folder": folder.name, "recovery_steps": caps["finetune_steps"], "reconstruct": caps.get("reconstruct", ""),
             "recovery": f"{caps['finetune_steps']} steps × {caps['finetune_batch']} sequences",
             "methods": sorted({r["method"] for r in pruned}),
             # results from before cases recorded it were calibrated on the text with the markers
@@ -647,7 +666,8 @@ def whole_split_checks(out_md: Path) -> list[dict]:
 
 def whole_split_text(c: dict) -> list[str]:
     link = f"{c['folder']}/results.md"
-    return [f"**The 20% target on the whole WikiText-2 test split, recovery {c['recovery']}** ({c['tokens']:,} tokens "
+    refit = ", layers refit after planning" if c.get("reconstruct") else ""
+    return [f"**The 20% target on the whole WikiText-2 test split, recovery {c['recovery']}{refit}** ({c['tokens']:,} tokens "
             f"scored, 128-token windows; [`{link}`]({link}), `{c['command']}`, {c['date']}; methods run there: "
             f"{', '.join(c['methods'])}): best with recovery {fmt(c['ours'])} ({c['method']}) vs {fmt(c['reference'])} "
             f"({c['against']}): **{c['result']}**."
@@ -658,11 +678,11 @@ def whole_split_text(c: dict) -> list[str]:
 SEEDS_RUN = REPO / "docs" / "seeds"
 
 
-def seeds_check(out_md: Path, meta: dict) -> dict | None:
-    """The targets as checked by the several-seed run (``docs/seeds``), when the main report is
-    written and that run exists: the ones it could check, with each side's range over the seeds,
-    and whether it ran with this report's caps and options (then its seed 0 is this table's case)."""
-    data = quoted_run(out_md, SEEDS_RUN)
+def seeds_check(out_md: Path, meta: dict, folder: Path = SEEDS_RUN) -> dict | None:
+    """The targets as checked by the several-seed run (``docs/seeds``; or another run in ``folder``), when
+    the main report is written and that run exists: the ones it could check, with each side's range over
+    the seeds, and whether it ran with this report's caps and options (then its seed 0 is this table's case)."""
+    data = quoted_run(out_md, folder)
     if data is None:
         return None
     # "the best method at 20%" of a run that had one method there (PAT's seeds) is not that target
@@ -671,8 +691,25 @@ def seeds_check(out_md: Path, meta: dict) -> dict | None:
     if not checks:
         return None
     same = all(data["meta"].get(k) == meta.get(k) for k in ("model", "caps", "method_config"))
+    # the caps that differ from this table's (a reconstruction run differs in that one cap)
+    theirs, ours = data["meta"].get("caps", {}), meta.get("caps", {})
+    differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k, KEY_DEFAULTS.get(k)) != ours.get(k, KEY_DEFAULTS.get(k)))
     return {"command": data["meta"]["command"], "date": data["meta"]["date"], "seeds": data["meta"].get("seeds", [0]),
-            "targets": checks, "same_caps": same}
+            "targets": checks, "same_caps": same, "differ": differ, "folder": folder.name,
+            "methods": sorted({f"{r['method']} {r['ratio']:.0%}" for r in data["results"] if r.get("rows") and r.get("method") != "dense"})}
+
+
+# a run of the same caps and options with every method's layers refit after planning (compile's reconstruct=)
+RECONSTRUCT_RUN = REPO / "docs" / "reconstruct"
+
+
+def reconstruct_text(run: dict) -> list[str]:
+    link = f"{run['folder']}/results.md"
+    same = run["differ"] == ["reconstruct"]
+    return [f"**The targets with reconstruction** ([`{link}`]({link}), `{run['command']}`, {run['date']}; cases run: "
+            f"{', '.join(run['methods'])}; " + ("this table's model, caps and options, and the layers that lose inputs refit "
+                                                 "after planning" if same else f"caps that differ from this table's: {', '.join(run['differ'])}")
+            + "): the targets that run could check.", "", targets_table(run["targets"]), ""]
 
 
 def seeds_text(run: dict) -> list[str]:
@@ -744,6 +781,8 @@ def main() -> None:
     parser.add_argument("--method-steps", type=int, help="steps of the passes that train (their `steps` option)")
     parser.add_argument("--kinds", help='what the methods without kinds of their own remove (default "channels"; "" = their defaults)')
     parser.add_argument("--protect-layers", help='FIRST,LAST blocks the uniform-allocation methods leave whole (default "4,2"; "" = none)')
+    parser.add_argument("--reconstruct", help='JSON of compile\'s reconstruct= for every method, e.g. \'{"calib": "wikitext2", '
+                                             '"n_samples": 256}\' (default: none)')
     parser.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--method-config", type=json.loads, default={}, help='JSON {method: {option: value}}')
     parser.add_argument("--seeds", default="0", help="comma list: each pruned case runs once per seed (calibration windows, "
@@ -775,7 +814,7 @@ def main() -> None:
     caps = Caps(**(QUICK if args.quick else {}))
     for name in ("max_tokens", "max_examples", "finetune_steps", "finetune_batch", "finetune_seq_len", "finetune_lr",
                  "finetune_data", "finetune_distill", "calib_samples", "method_steps", "device", "kinds", "protect_layers",
-                 "perplexities", "zeroshot"):
+                 "perplexities", "zeroshot", "reconstruct"):
         value = getattr(args, name)
         if value is not None:
             setattr(caps, name, value)
