@@ -678,10 +678,11 @@ def whole_split_text(c: dict) -> list[str]:
 SEEDS_RUN = REPO / "docs" / "seeds"
 
 
-def seeds_check(out_md: Path, meta: dict, folder: Path = SEEDS_RUN) -> dict | None:
+def seeds_check(out_md: Path, meta: dict, folder: Path | None = None) -> dict | None:
     """The targets as checked by the several-seed run (``docs/seeds``; or another run in ``folder``), when
     the main report is written and that run exists: the ones it could check, with each side's range over
     the seeds, and whether it ran with this report's caps and options (then its seed 0 is this table's case)."""
+    folder = SEEDS_RUN if folder is None else folder
     data = quoted_run(out_md, folder)
     if data is None:
         return None

@@ -254,3 +254,22 @@ def test_main_report_quotes_the_several_seed_run(tmp_path, monkeypatch):
     other = quality.seeds_check(report, {**main, "caps": {"max_tokens": 1024}})
     assert "**not the model, caps or options of this table**" in "\n".join(quality.seeds_text(other))
     assert quality.seeds_check(tmp_path / "results.md", main) is None  # only the main report quotes it
+
+
+def test_main_report_quotes_the_reconstruction_run(tmp_path):
+    dense = _seeded("dense", 0.0, 0, 50.0, 0.4)
+    lp, taylor = _seeded("loraprune", 0.2, 0, 56.0, 0.4), _seeded("taylor", 0.2, 0, 63.0, 0.4)
+    for res in (dense, lp, taylor):
+        res["rows"].append({**res["rows"][0], "recovery": "lora"})
+    main = {"model": "m", "caps": {"max_tokens": 4096}, "method_config": {}}
+    theirs = {**main, "caps": {"max_tokens": 4096, "reconstruct": '{"n_samples": 256}'}, "command": "python benchmarks/quality.py "
+              "--reconstruct ...", "date": "d", "targets": quality.targets(quality.merge_seeds([dense, lp, taylor]))}
+    (tmp_path / "quality.json").write_text(json.dumps({"meta": theirs, "results": [dense, lp, taylor]}))
+    run = quality.seeds_check(quality.REPO / "docs" / "results.md", main, tmp_path)
+    assert run["differ"] == ["reconstruct"] and run["methods"] == ["loraprune 20%", "taylor 20%"]
+    twenty = next(c for c in run["targets"] if c["target"] == quality.TWENTY)
+    assert twenty["result"] == "pass" and twenty["method"] == "loraprune"  # 56 <= 1.15 x 50
+    text = "\n".join(quality.reconstruct_text(run))
+    assert "this table's model, caps and options, and the layers that lose inputs refit" in text
+    other = quality.seeds_check(quality.REPO / "docs" / "results.md", {**main, "caps": {"max_tokens": 1024}}, tmp_path)
+    assert "caps that differ from this table's: max_tokens, reconstruct" in "\n".join(quality.reconstruct_text(other))
