@@ -77,7 +77,7 @@ class Reconstruction:
     weights: "WeightUpdates"
     samples: int
     damp: float
-    # per layer (node name): relative output error ‖W·X − W'·X_K‖² / ‖W·X‖² with the sliced weights, then refit
+    # per layer (its weight's name): relative output error ‖W·X − W'·X_K‖² / ‖W·X‖² with the sliced weights, then refit
     errors: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def summary(self) -> dict:
@@ -207,7 +207,7 @@ def reconstruct_weights(dg: DependencyGraph, plan, calib, *, weights=None, examp
         grams = _statistics(dense, chunk, calib, example_kwargs, batch_size, progress, model_inputs)
         for layer in chunk:
             new, before, after = _refit(_weight_rows(dg, layer, weights), layer, grams.pop(layer.node), damp)
-            result.errors[layer.node] = (before, after)
+            result.errors[layer.weight] = (before, after)
             _store(result.weights, dg, layer, new)
     return result
 
