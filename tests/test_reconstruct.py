@@ -74,7 +74,7 @@ def test_damp_pulls_towards_the_kept_weights():
     assert moved[1e3] < 0.01 * moved[1e-3]
 
 
-def test_compile_with_reconstruct_is_closer_to_dense_and_verifies():
+def test_compile_with_reconstruct_is_closer_to_dense_and_verifies(tmp_path):
     model, traced, _ = analysed("llama_gqa")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     vocab = fetch_attr(traced.module, "model.embed_tokens.weight").shape[0]
@@ -93,6 +93,12 @@ def test_compile_with_reconstruct_is_closer_to_dense_and_verifies():
         dense, a, b = (outputs(m(**kwargs))[0] for m in (traced.module, plain.module, refit.module))
     assert (b - dense).norm() < (a - dense).norm()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # caller untouched
+    hf = refit.to_hf()  # the module-level copy carries the refit weights (checked equal to the graph inside)
+    name = next(n for n in r["errors"] if n.endswith("down_proj.weight"))
+    assert torch.equal(hf.get_parameter(name), fetch_attr(refit.module, name))
+    loaded = graphprune.load(refit.save(tmp_path / "refit", plot=False))
+    assert loaded.report.reconstruction == r
+    assert torch.allclose(outputs(loaded(**kwargs))[0], b, atol=1e-5)
 
 
 def test_reconstruct_after_compile_equals_reconstruct_in_compile():
