@@ -11,7 +11,8 @@ numbers; a ``--methods`` name that is neither in ``METHODS`` nor a registered pa
 Each (method, ratio) runs in a fresh subprocess, so its peak memory is its own; ``--jobs N`` runs N
 of them at once (each with cores / N torch threads). Each finished case is kept in a cache
 (``~/.cache/graphprune/quality`` or ``$GRAPHPRUNE_QUALITY_CACHE``, keyed by model, case, caps and method options), so an interrupted
-run resumes where it stopped (``--fresh`` ignores the cache); the report is rewritten after every
+run resumes where it stopped (``--fresh`` ignores the cache; on a machine without the cache,
+``--reuse-report`` takes the finished cases of the out-dir's quality.json that have the same key); the report is rewritten after every
 case, with the cases still to run marked *pending*. Writes a markdown report with a table and a
 PNG of the kept width per layer per method, plus a JSON file:
 
@@ -347,6 +348,38 @@ KEY_DEFAULTS = {"perplexities": ALL_PERPLEXITIES, "zeroshot": True, "reconstruct
 # "wikitext2" calibration reads, every pruned case must run again, so it is part of their key
 CALIBRATION_TEXT = "WikiText-2 train without its <unk> markers"
 OLD_CALIBRATION_TEXT = "WikiText-2 train with its <unk> markers"
+MARKERS_DROPPED_AT = "1863c3d"  # the library's first commit that reads WikiText-2 without the markers
+
+
+def calibration_of(result: dict) -> str:
+    """The calibration text a pruned case ran on: recorded since ea7d309; before that, the commit says."""
+    if "calibration" in result:
+        return result["calibration"]
+    commit = result.get("commit") or ""
+    newer = subprocess.run(["git", "merge-base", "--is-ancestor", MARKERS_DROPPED_AT, commit], cwd=REPO,
+                           capture_output=True).returncode == 0 if commit and commit != "?" else False
+    return CALIBRATION_TEXT if newer else OLD_CALIBRATION_TEXT
+
+
+def reusable_cases(report_json: Path, model: str, caps: dict, method_config: dict) -> dict[str, dict]:
+    """Finished cases of an earlier report (its quality.json) that this run would compute again with the
+    same key: same model, case, caps, the case's method options and calibration text (``--reuse-report``,
+    for a machine without the cache; the code each case ran is in its ``commit``)."""
+    if not report_json.exists():
+        return {}
+    data = json.loads(report_json.read_text())
+    meta = data.get("meta", {})
+    out = {}
+    for res in data.get("results", []):
+        case = res.get("case")
+        if not case or not res.get("rows") or res.get("error") or res.get("pending"):
+            continue
+        if parse_case(case)[0] != "dense" and calibration_of(res) != CALIBRATION_TEXT:
+            continue
+        theirs = cache_path(case, meta.get("model", ""), meta.get("caps", {}), meta.get("method_config", {}))
+        if theirs == cache_path(case, model, caps, method_config):
+            out[case] = {k: v for k, v in res.items() if k != "cached"}
+    return out
 
 
 def cache_path(case: str, model: str, caps: dict, method_config: dict) -> Path:
@@ -657,7 +690,7 @@ def whole_split_check(out_md: Path, folder: Path) -> dict | None:
             "recovery": f"{caps['finetune_steps']} steps × {caps['finetune_batch']} sequences",
             "methods": sorted({r["method"] for r in pruned}),
             # results from before cases recorded it were calibrated on the text with the markers
-            "calibration": sorted({r.get("calibration", OLD_CALIBRATION_TEXT) for r in pruned})}
+            "calibration": sorted({calibration_of(r) for r in pruned})}
 
 
 def whole_split_checks(out_md: Path) -> list[dict]:
@@ -791,6 +824,8 @@ def main() -> None:
                         "spread (default 0; the dense model runs once)")
     parser.add_argument("--jobs", type=int, default=1, help="cases run at once (each gets cores / jobs threads)")
     parser.add_argument("--fresh", action="store_true", help="run every case again, ignoring finished ones in the cache")
+    parser.add_argument("--reuse-report", action="store_true", help="also take finished cases from OUT_DIR/quality.json when "
+                        "their model, caps, options and calibration text are this run's (re-renders a report without the cache)")
     parser.add_argument("--out-dir", help="where results.md/quality.json go (default: docs/; /tmp/graphprune-quality with --quick)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -879,6 +914,7 @@ def main() -> None:
         write_report(meta, ordered, out_dir / "results.md", out_dir / "quality.json")
 
     todo = []
+    reusable = reusable_cases(out_dir / "quality.json", args.model, asdict(caps), args.method_config) if args.reuse_report else {}
     for case in cases:
         method = parse_case(case)[0]
         cached = cache_path(case, args.model, asdict(caps), args.method_config)
@@ -886,6 +922,8 @@ def main() -> None:
             record(case, {"case": case, "missing": True})
         elif cached.exists() and not args.fresh:
             record(case, {**json.loads(cached.read_text()), "cached": True})
+        elif case in reusable and not args.fresh:
+            record(case, {**reusable[case], "cached": True})
         else:
             todo.append(case)
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None

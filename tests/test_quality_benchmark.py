@@ -273,3 +273,24 @@ def test_main_report_quotes_the_reconstruction_run(tmp_path):
     assert "this table's model, caps and options, and the layers that lose inputs refit" in text
     other = quality.seeds_check(quality.REPO / "docs" / "results.md", {**main, "caps": {"max_tokens": 1024}}, tmp_path)
     assert "caps that differ from this table's: max_tokens, reconstruct" in "\n".join(quality.reconstruct_text(other))
+
+
+def test_an_earlier_report_gives_back_the_cases_this_run_would_compute_again(tmp_path):
+    from dataclasses import asdict
+
+    caps = asdict(quality.Caps(max_tokens=4096))
+    config = {"taylor": {"steps": 3}}
+    new_text = {"calibration": quality.CALIBRATION_TEXT}
+    results = [{**_seeded("dense", 0.0, 0, 50.0, 0.4)},
+               {**_seeded("taylor", 0.2, 0, 60.0, 0.4), **new_text},
+               {**_seeded("taylor", 0.5, 0, 900.0, 0.4), "calibration": quality.OLD_CALIBRATION_TEXT},  # other text
+               {**_seeded("magnitude", 0.2, 0, 99.0, 0.4), "commit": "?"},  # no record of its text: old
+               {**_seeded("hywia", 0.2, 0, 70.0, 0.4), **new_text, "error": "boom"}]
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps({"meta": {"model": "m", "caps": caps, "method_config": config}, "results": results}))
+    assert sorted(quality.reusable_cases(path, "m", caps, config)) == ["dense", "taylor:0.2"]
+    assert quality.reusable_cases(path, "m", {**caps, "finetune_steps": 1}, config) == {}  # other caps
+    assert sorted(quality.reusable_cases(path, "m", caps, {})) == ["dense"]  # other options for taylor
+    assert sorted(quality.reusable_cases(path, "m", {**caps, "reconstruct": ""}, config)) == ["dense", "taylor:0.2"]  # a default cap
+    assert quality.reusable_cases(tmp_path / "none.json", "m", caps, config) == {}
+    assert quality.calibration_of({"commit": quality.MARKERS_DROPPED_AT}) == quality.CALIBRATION_TEXT
