@@ -36,8 +36,12 @@ from tqdm.auto import tqdm
 
 from .analysis import DependencyGraph
 from .analysis.walk import fetch_attr
+from .data import calibration as as_calibration
+from .data import model_inputs
 from .errors import GraphpruneError
+from .masking import insert_masks
 from .rewrite import AxisMasks
+from .scoring import WeightUpdates, example_kwargs_of
 
 aten = torch.ops.aten
 
@@ -74,7 +78,7 @@ class Layer:
 class Reconstruction:
     """The refit weights (dense shapes, as ``rewrite``'s ``weights``) and how much each layer's error fell."""
 
-    weights: "WeightUpdates"
+    weights: WeightUpdates
     samples: int
     damp: float
     # per layer (its weight's name): relative output error ‖W·X − W'·X_K‖² / ‖W·X‖² with the sliced weights, then refit
@@ -187,11 +191,6 @@ def reconstruct_weights(dg: DependencyGraph, plan, calib, *, weights=None, examp
     ``memory_mib`` worth of layers are gathered per pass over the calibration data (a model whose
     layers need more takes several passes). Returns the new weights, dense-shaped, merged over ``weights``.
     """
-    from .data import calibration as as_calibration
-    from .data import model_inputs
-    from .masking import insert_masks
-    from .scoring import WeightUpdates, example_kwargs_of
-
     if not (isinstance(damp, (int, float)) and damp > 0):
         raise GraphpruneError(f"reconstruct: damp must be a positive number, got {damp!r}")
     calib = as_calibration(calib)
@@ -204,7 +203,7 @@ def reconstruct_weights(dg: DependencyGraph, plan, calib, *, weights=None, examp
     example_kwargs = example_kwargs or example_kwargs_of(dg.gm)
     dense = insert_masks(dg, [], weights=weights).module  # a copy with the pass's weights (shares the others)
     for chunk in _chunks(layers, memory_mib):
-        grams = _statistics(dense, chunk, calib, example_kwargs, batch_size, progress, model_inputs)
+        grams = _statistics(dense, chunk, calib, example_kwargs, batch_size, progress)
         for layer in chunk:
             new, before, after = _refit(_weight_rows(dg, layer, weights), layer, grams.pop(layer.node), damp)
             result.errors[layer.weight] = (before, after)
@@ -227,7 +226,7 @@ def _chunks(layers: list[Layer], memory_mib: int):
         yield chunk
 
 
-def _statistics(model, chunk, calib, example_kwargs, batch_size, progress, model_inputs) -> dict[str, torch.Tensor]:
+def _statistics(model, chunk, calib, example_kwargs, batch_size, progress) -> dict[str, torch.Tensor]:
     """Per layer: ``X·Xᵀ`` of its dense input (a column of ones appended for a bias), in float64."""
     inputs_of = {}
     for layer in chunk:
@@ -245,6 +244,10 @@ def _statistics(model, chunk, calib, example_kwargs, batch_size, progress, model
             bar.update(ids.shape[0])
     finally:
         bar.close()
+    for layer in chunk:
+        if not torch.isfinite(grams[layer.node]).all():
+            raise GraphpruneError(f"reconstruct: the inputs of {layer.weight!r} are not finite on the calibration data "
+                                  "(fp16 overflow?); nothing was refit")
     return grams
 
 

@@ -182,3 +182,13 @@ def test_a_real_model_pruned_with_reconstruction_has_lower_perplexity_on_unseen_
     dense, sliced, refitted = ppl(model), ppl(plain), ppl(refit)
     assert dense < refitted < sliced, (dense, refitted, sliced)
     assert refit.report.reconstruction["layers"] == 2 * model.config.num_hidden_layers  # o_proj and down_proj of each block
+
+
+def test_non_finite_inputs_are_a_clear_error():
+    model = TinyLM()
+    small = graphprune.compile(model, 0.5, method="magnitude", kinds=["channels"], progress=False,
+                               example_kwargs={"input_ids": ids()[:2]})
+    with torch.no_grad():
+        small.dg.gm.get_parameter("up.weight")[0, 0] = float("inf")  # the traced copy, not the caller's model
+    with pytest.raises(graphprune.GraphpruneError, match="not finite"):
+        reconstruct_weights(small.dg, small.plan, ids())
