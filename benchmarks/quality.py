@@ -161,8 +161,8 @@ def method_config(method: str, caps: Caps, extra: dict) -> dict:
             config.setdefault("protect_layers", [int(n) for n in caps.protect_layers.split(",")])
     if caps.method_steps is not None and "steps" in fields:
         config.setdefault("steps", caps.method_steps)
-    if caps.reconstruct:
-        config.setdefault("reconstruct", json.loads(caps.reconstruct))
+    if caps.reconstruct:  # on WikiText-2 windows unless it names its text (compile's calib here is the method's)
+        config.setdefault("reconstruct", {"calib": "wikitext2", **json.loads(caps.reconstruct)})
     return config
 
 
@@ -388,6 +388,8 @@ def cache_path(case: str, model: str, caps: dict, method_config: dict) -> Path:
     method = parse_case(case)[0]
     own = method_config.get(method, {})
     caps = {k: v for k, v in caps.items() if k not in KEY_DEFAULTS or v != KEY_DEFAULTS[k]}
+    if method == "dense":
+        caps.pop("reconstruct", None)  # nothing is pruned, so nothing is refit
     key = {"case": case, "model": str(model), "caps": caps, "options": own}
     if method != "dense":
         key["calibration"] = CALIBRATION_TEXT
@@ -728,8 +730,9 @@ def seeds_check(out_md: Path, meta: dict, folder: Path | None = None) -> dict | 
     # the caps that differ from this table's (a reconstruction run differs in that one cap)
     theirs, ours = data["meta"].get("caps", {}), meta.get("caps", {})
     differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k, KEY_DEFAULTS.get(k)) != ours.get(k, KEY_DEFAULTS.get(k)))
+    same_model_options = all(data["meta"].get(k) == meta.get(k) for k in ("model", "method_config"))
     return {"command": data["meta"]["command"], "date": data["meta"]["date"], "seeds": data["meta"].get("seeds", [0]),
-            "targets": checks, "same_caps": same, "differ": differ, "folder": folder.name,
+            "targets": checks, "same_caps": same, "differ": differ, "folder": folder.name, "same_model_options": same_model_options,
             "methods": sorted({f"{r['method']} {r['ratio']:.0%}" for r in data["results"] if r.get("rows") and r.get("method") != "dense"})}
 
 
@@ -739,10 +742,11 @@ RECONSTRUCT_RUN = REPO / "docs" / "reconstruct"
 
 def reconstruct_text(run: dict) -> list[str]:
     link = f"{run['folder']}/results.md"
-    same = run["differ"] == ["reconstruct"]
+    same = run["differ"] == ["reconstruct"] and run["same_model_options"]
     return [f"**The targets with reconstruction** ([`{link}`]({link}), `{run['command']}`, {run['date']}; cases run: "
             f"{', '.join(run['methods'])}; " + ("this table's model, caps and options, and the layers that lose inputs refit "
                                                  "after planning" if same else f"caps that differ from this table's: {', '.join(run['differ'])}")
+            + ("" if run["same_model_options"] else "; **another model or other method options**: see its report")
             + "): the targets that run could check.", "", targets_table(run["targets"]), ""]
 
 

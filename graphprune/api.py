@@ -26,7 +26,7 @@ from .errors import ExportError, GraphpruneError, LoadError, PlanError
 from .flops import count_flops, flops_tokens
 from .masking import insert_masks
 from .plan import PruningPlan, atomic_write_text, check_ratio, make_plan, usual_modes
-from .reconstruct import DEFAULT_SAMPLES, reconstruct_options, reconstruct_weights, reconstruction_data
+from .reconstruct import reconstruct_options, reconstruct_weights, reconstruction_data
 from .rewrite import rewrite
 from .data import as_tokenizer, load_tokenizer
 from .registry import check_options, get_pass
@@ -392,9 +392,10 @@ def compile(
         ratio = plan.ratio
     protect_layers = check_protect_layers(protect_layers)
     recon = reconstruct_options(reconstruct)
+    recon_reads_calib = recon is not None and "calib" not in recon  # else reconstruction has text of its own
     if recon is not None:
         # the windows are drawn now: a missing file or a bad id should not cost a trace
-        n_recon = recon.pop("n_samples", DEFAULT_SAMPLES)
+        n_recon = recon.pop("n_samples", None)
         recon["calib"] = reconstruction_data(model, recon.get("calib", calib), tokenizer, n_recon, seq_len, seed)
     scorer_cls = type(method) if not isinstance(method, str) else (get_pass(method) if plan is None else None)
     if scorer_cls is not None and isinstance(method, str):
@@ -406,7 +407,7 @@ def compile(
     kinds, ignore = as_names(kinds), as_names(ignore)
     check_size(n_samples, "n_samples")
     check_seq_len(seq_len)
-    if calib is not None and plan is not None and recon is None:  # nothing is scored: a calib given anyway is a mistake to hear of
+    if calib is not None and plan is not None and not recon_reads_calib:  # nothing reads it: a mistake to hear of
         warnings.warn("graphprune: calib= is ignored: plan= replays a plan without scoring", stacklevel=2)
     elif calib is not None:
         # before tracing: a missing file, windows longer than the model's positions (torch.export's

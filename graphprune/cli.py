@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--option", "-O", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="an option of the scoring pass (see 'graphprune methods'); repeatable")
     c.add_argument("--plan", metavar="PLAN.json", help="replay a saved plan instead of scoring")
+    # const: graphprune.reconstruct.DEFAULT_SAMPLES, written out so that the parser loads without torch
     c.add_argument("--reconstruct", nargs="?", const=128, type=_positive, default=None, metavar="N",
                    help="refit the layers that lose inputs by least squares on N windows of the calibration text "
                         "(--calib, else wikitext2; N default 128)")
@@ -412,6 +413,8 @@ def cmd_compile(args) -> int:
         reconstruct={"calib": calib or "wikitext2", "n_samples": args.reconstruct} if args.reconstruct else False,
     )
     result: dict = {"model": str(args.model), "out": str(args.out), "method": method, "calib": calib}
+    if args.reconstruct:
+        result["reconstruct"] = {"calib": calib or "wikitext2", "n_samples": args.reconstruct}
     if args.verify:
         t = time.perf_counter()
         check = api.verify(compiled)

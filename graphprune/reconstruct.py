@@ -72,6 +72,11 @@ class Layer:
     weight_dim: int
     keep: torch.Tensor  # bool over the input dim
     bias: str | None = None
+    source: str = ""  # the node whose value is the layer's input (layers reading one value share statistics)
+
+    @property
+    def statistic(self) -> tuple[str, bool]:
+        return self.source, self.bias is not None
 
 
 @dataclass
@@ -104,8 +109,8 @@ def layers_to_refit(dg: DependencyGraph, leaf_keep: dict) -> list[Layer]:
     out = []
     for n in dg.gm.graph.nodes:
         rule = CONTRACTIONS.get(n.target) if n.op == "call_function" else None
-        if rule is None or len(n.args) <= rule.weight:
-            continue
+        if rule is None or len(n.args) <= rule.weight or any(n.kwargs.get(k, 1) != 1 for k in ("alpha", "beta")):
+            continue  # addmm's scaled forms are not y = x·W + b
         weight = _param_name(dg, n.args[rule.weight])
         if weight is None or readers.get(weight) != 1 or fetch_attr(dg.gm, weight).dim() != 2:
             continue
@@ -121,7 +126,8 @@ def layers_to_refit(dg: DependencyGraph, leaf_keep: dict) -> list[Layer]:
             bias = _param_name(dg, n.args[rule.bias])
             if bias is not None and (readers.get(bias) != 1 or fetch_attr(dg.gm, bias).dim() != 1):
                 continue  # a shared bias: refitting it for this layer would change another
-        out.append(Layer(n.name, weight, rule.weight_dim, keep, bias))
+        source = n.args[rule.input]
+        out.append(Layer(n.name, weight, rule.weight_dim, keep, bias, source.name if isinstance(source, fx.Node) else n.name))
     return out
 
 
@@ -152,15 +158,28 @@ class _Capture(fx.Interpreter):
         return super().run_node(n)
 
 
-def _captured(model: fx.GraphModule, layers: list[Layer], kwargs: dict, inputs_of: dict[str, int]) -> dict[str, torch.Tensor]:
+def _flat_inputs(model: fx.GraphModule, kwargs: dict) -> list:
+    """The graph's placeholders' values for keyword inputs (nested ones flattened as torch.export did)."""
+    spec = getattr(model, "_in_spec", None)
+    if spec is not None:
+        import torch.fx._pytree as fx_pytree
+
+        try:
+            return fx_pytree.tree_flatten_spec(((), kwargs), spec)
+        except Exception as exc:
+            raise GraphpruneError(f"reconstruct: calibration batches do not fit the graph's inputs ({exc})") from exc
     names = [n.target for n in model.graph.nodes if n.op == "placeholder"]
     missing = [n for n in names if n not in kwargs]
     if missing:
         raise GraphpruneError(f"reconstruct: the graph takes inputs {missing} that calibration batches do not give")
+    return [kwargs[n] for n in names]
+
+
+def _captured(model: fx.GraphModule, layers: list[Layer], kwargs: dict, inputs_of: dict[str, int]) -> dict[str, torch.Tensor]:
     capture = _Capture(model, inputs_of, layers[-1].node)
     try:
         with torch.no_grad():
-            capture.run(*[kwargs[n] for n in names])
+            capture.run(*_flat_inputs(model, kwargs))
     except _Stop:
         pass
     return capture.seen
@@ -191,8 +210,7 @@ def reconstruct_weights(dg: DependencyGraph, plan, calib, *, weights=None, examp
     ``memory_mib`` worth of layers are gathered per pass over the calibration data (a model whose
     layers need more takes several passes). Returns the new weights, dense-shaped, merged over ``weights``.
     """
-    if not (isinstance(damp, (int, float)) and damp > 0):
-        raise GraphpruneError(f"reconstruct: damp must be a positive number, got {damp!r}")
+    check_numbers(damp, batch_size, memory_mib)
     calib = as_calibration(calib)
     weights = WeightUpdates(weights)  # the pass's updates, some computed only when read (LoRAPrune's W0 + s·B·A)
     leaf_keep = plan.leaf_keep(dg)
@@ -200,52 +218,59 @@ def reconstruct_weights(dg: DependencyGraph, plan, calib, *, weights=None, examp
     result = Reconstruction(weights=WeightUpdates(weights), samples=len(calib), damp=float(damp))
     if not layers:
         return result
-    example_kwargs = example_kwargs or example_kwargs_of(dg.gm)
+    if example_kwargs is None:
+        device = next((p.device for p in dg.gm.parameters()), torch.device("cpu"))
+        example_kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in example_kwargs_of(dg.gm).items()}
     dense = insert_masks(dg, [], weights=weights).module  # a copy with the pass's weights (shares the others)
     for chunk in _chunks(layers, memory_mib):
         grams = _statistics(dense, chunk, calib, example_kwargs, batch_size, progress)
         for layer in chunk:
-            new, before, after = _refit(_weight_rows(dg, layer, weights), layer, grams.pop(layer.node), damp)
+            new, before, after = _refit(_weight_rows(dg, layer, weights), layer, grams[layer.statistic], damp)
             result.errors[layer.weight] = (before, after)
             _store(result.weights, dg, layer, new)
     return result
 
 
 def _chunks(layers: list[Layer], memory_mib: int):
-    """Consecutive layers whose float64 Gram matrices fit in ``memory_mib`` (at least one per chunk)."""
-    chunk, used = [], 0
+    """Consecutive layers whose float64 Gram matrices (one per input they read) fit in ``memory_mib``, at least one per chunk."""
+    chunk, used, seen = [], 0.0, set()
     for layer in layers:
         n_in = layer.keep.numel() + (layer.bias is not None)
-        size = 8 * n_in * n_in / 2**20
-        if chunk and used + size > memory_mib:
+        size = 0.0 if layer.statistic in seen else 2 * 8 * n_in * n_in / 2**20  # the sum and one batch's product
+        if chunk and size and used + size > memory_mib:
             yield chunk
-            chunk, used = [], 0
+            chunk, used, seen = [], 0.0, set()
         chunk.append(layer)
+        seen.add(layer.statistic)
         used += size
     if chunk:
         yield chunk
 
 
-def _statistics(model, chunk, calib, example_kwargs, batch_size, progress) -> dict[str, torch.Tensor]:
-    """Per layer: ``X·Xᵀ`` of its dense input (a column of ones appended for a bias), in float64."""
+def _statistics(model, chunk, calib, example_kwargs, batch_size, progress) -> dict[tuple, torch.Tensor]:
+    """Per input a layer reads: ``X·Xᵀ`` (a column of ones appended for a bias), in float64."""
     inputs_of = {}
     for layer in chunk:
         node = next(n for n in model.graph.nodes if n.name == layer.node)
         inputs_of[layer.node] = CONTRACTIONS[node.target].input
-    grams: dict[str, torch.Tensor] = {}
+    grams: dict[tuple, torch.Tensor] = {}
     bar = tqdm(total=len(calib), desc="reconstruct", disable=not progress, leave=False)
     try:
         for ids in calib.batches(batch_size):
             seen = _captured(model, chunk, model_inputs(example_kwargs, ids), inputs_of)
+            done = set()
             for layer in chunk:
+                if layer.statistic in done:
+                    continue
+                done.add(layer.statistic)
                 x = _with_ones(seen[layer.node].double(), layer.bias is not None)
                 gram = x.T @ x
-                grams[layer.node] = gram if layer.node not in grams else grams[layer.node].add_(gram)
+                grams[layer.statistic] = gram if layer.statistic not in grams else grams[layer.statistic].add_(gram)
             bar.update(ids.shape[0])
     finally:
         bar.close()
     for layer in chunk:
-        if not torch.isfinite(grams[layer.node]).all():
+        if not torch.isfinite(grams[layer.statistic]).all():
             raise GraphpruneError(f"reconstruct: the inputs of {layer.weight!r} are not finite on the calibration data "
                                   "(fp16 overflow?); nothing was refit")
     return grams
@@ -253,6 +278,7 @@ def _statistics(model, chunk, calib, example_kwargs, batch_size, progress) -> di
 
 def _refit(w: torch.Tensor, layer: Layer, gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, float]:
     """(refit kept columns [out, kept(+1)], relative error with the sliced weight, relative error refit)."""
+    gram = gram.to(w.device)  # a pass may keep its updated weights elsewhere (offloaded)
     cols = layer.keep.to(w.device)
     if layer.bias is not None:  # the bias is a kept column of a constant input
         cols = torch.cat([cols, cols.new_ones(1)])
@@ -275,13 +301,13 @@ def _store(weights, dg, layer: Layer, new: torch.Tensor) -> None:
     """Write the refit columns into dense-shaped copies of the weight (and bias)."""
     if layer.bias is not None:
         bias_old = weights[layer.bias] if layer.bias in weights else fetch_attr(dg.gm, layer.bias)
-        weights.set(layer.bias, new[:, -1].to(bias_old.dtype).detach().clone())
+        weights.set(layer.bias, new[:, -1].to(bias_old.device, bias_old.dtype).detach().clone())
         new = new[:, :-1]
     old = weights[layer.weight] if layer.weight in weights else fetch_attr(dg.gm, layer.weight)
     rows = old.detach().clone()
     if layer.weight_dim == 0:
         rows = rows.T
-    rows[:, layer.keep.to(rows.device)] = new.to(rows.dtype)
+    rows[:, layer.keep.to(rows.device)] = new.to(rows.device, rows.dtype)
     weights.set(layer.weight, (rows.T if layer.weight_dim == 0 else rows).contiguous())
 
 
@@ -294,8 +320,19 @@ DEFAULT_SAMPLES = 128  # windows of calibration text; more than the scoring pass
 # layer's statistics are ~width² numbers (SmolLM2 at 20%: 32 windows refit 8% of the way to dense, 256 windows 11%)
 
 
+def check_numbers(damp=0.1, batch_size: int = 8, memory_mib: int = 2048, n_samples: int = DEFAULT_SAMPLES) -> None:
+    """Reconstruction's numeric options, checked before any tracing or scoring."""
+    from .data import check_size
+
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
+        raise GraphpruneError(f"reconstruct: damp must be a positive number, got {damp!r}")
+    check_size(batch_size, "reconstruct: batch_size")
+    check_size(n_samples, "reconstruct: n_samples")
+    check_size(memory_mib, "reconstruct: memory_mib", 0)
+
+
 def reconstruct_options(value) -> dict | None:
-    """``compile``'s ``reconstruct=``: False/None (off), True (defaults) or a dict of ``OPTIONS``."""
+    """``compile``'s ``reconstruct=``: False/None (off), True (defaults) or a dict of ``OPTIONS`` (checked)."""
     if value is None or value is False:
         return None
     if value is True:
@@ -304,16 +341,28 @@ def reconstruct_options(value) -> dict | None:
         unknown = sorted(set(value) - set(OPTIONS))
         if unknown:
             raise GraphpruneError(f"reconstruct: unknown option(s) {unknown}; the options are {list(OPTIONS)}")
-        return dict(value)
+        check_numbers(**{k: v for k, v in value.items() if k != "calib"})
+        return {k: v for k, v in value.items() if not (k == "calib" and v is None)}  # None: the scoring's
     raise GraphpruneError(f"reconstruct must be True, False or a dict of {list(OPTIONS)}, got {type(value).__name__}")
 
 
-def reconstruction_data(model, calib, tokenizer, n_samples: int, seq_len: int, seed: int):
-    """``calib`` as calibration windows, checked against ``model`` (when known) as compile checks its own."""
+def reconstruction_data(model, calib, tokenizer, n_samples: int | None, seq_len: int, seed: int):
+    """``calib`` as calibration windows, checked against ``model`` (when known) as compile checks its own.
+
+    ``n_samples`` (None: ``DEFAULT_SAMPLES``) windows are drawn from text or a 1-D token stream; ready
+    windows (a ``Calibration``, 2-D token ids) are used as they are, with a warning if ``n_samples`` asked otherwise.
+    """
+    import warnings
+
     from .data import Calibration, as_tokenizer, calibration, check_fits, check_text_source, load_tokenizer
 
     if calib is None:
         raise GraphpruneError("reconstruct refits layers on calibration data: pass calib=... (a corpus name, texts or token ids)")
+    ready = calib.input_ids if isinstance(calib, Calibration) else calib if isinstance(calib, torch.Tensor) and calib.dim() == 2 else None
+    if ready is not None and n_samples is not None and n_samples != len(ready):
+        warnings.warn(f"graphprune: reconstruct uses the {len(ready)} calibration windows given, not n_samples={n_samples}: "
+                      "pass text or a 1-D token stream to draw windows", stacklevel=3)
+    n_samples = DEFAULT_SAMPLES if n_samples is None else n_samples
     if isinstance(calib, Calibration):
         return calib
     if isinstance(calib, (str, os.PathLike)):
@@ -328,12 +377,12 @@ def reconstruction_data(model, calib, tokenizer, n_samples: int, seq_len: int, s
     return calibration(calib, tokenizer, n_samples, seq_len, seed)
 
 
-def reconstruct(compiled, calib, *, tokenizer=None, n_samples: int = DEFAULT_SAMPLES, seq_len: int = 128, seed: int = 0,
+def reconstruct(compiled, calib, *, tokenizer=None, n_samples: int | None = None, seq_len: int = 128, seed: int = 0,
                 damp: float = 0.1, batch_size: int = 8, memory_mib: int = 2048, progress: bool = True):
     """A copy of ``compiled`` whose layers that lost inputs are refit on ``calib`` (see the module docstring).
 
     ``calib`` is what ``compile`` takes (a corpus name, a text file, a Dataset, strings or token ids),
-    drawn as ``n_samples`` windows of ``seq_len`` tokens with ``seed``. ``compile(..., calib=...,
+    drawn as ``n_samples`` (default 128) windows of ``seq_len`` tokens with ``seed``. ``compile(..., calib=...,
     reconstruct=True)`` does the same before its rewrite. Needs the dense model's analysis: call it on
     the result of ``compile``, not ``load``; ``compiled`` itself is not changed.
     """

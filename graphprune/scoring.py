@@ -34,6 +34,9 @@ class WeightUpdates(Mapping):
     def __iter__(self):
         return iter(self._items)
 
+    def __contains__(self, name) -> bool:  # without computing a deferred value (Mapping's would)
+        return name in self._items
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -273,6 +273,20 @@ def test_main_report_quotes_the_reconstruction_run(tmp_path):
     assert "this table's model, caps and options, and the layers that lose inputs refit" in text
     other = quality.seeds_check(quality.REPO / "docs" / "results.md", {**main, "caps": {"max_tokens": 1024}}, tmp_path)
     assert "caps that differ from this table's: max_tokens, reconstruct" in "\n".join(quality.reconstruct_text(other))
+    other_model = quality.seeds_check(quality.REPO / "docs" / "results.md", {**main, "model": "other"}, tmp_path)
+    text = "\n".join(quality.reconstruct_text(other_model))
+    assert "this table's model" not in text and "another model or other method options" in text
+
+
+def test_reconstruction_reads_wikitext2_unless_told_and_leaves_the_dense_key_alone():
+    caps = quality.Caps(reconstruct='{"n_samples": 256}')
+    config = quality.method_config("loraprune", caps, {})
+    assert config["reconstruct"] == {"calib": "wikitext2", "n_samples": 256}  # not the method's own calibration windows
+    from dataclasses import asdict
+
+    plain = asdict(quality.Caps())
+    assert quality.cache_path("dense", "m", asdict(caps), {}) == quality.cache_path("dense", "m", plain, {})
+    assert quality.cache_path("taylor:0.2", "m", asdict(caps), {}) != quality.cache_path("taylor:0.2", "m", plain, {})
 
 
 def test_an_earlier_report_gives_back_the_cases_this_run_would_compute_again(tmp_path):

@@ -1,4 +1,6 @@
 """Reconstruction: the layers that lose inputs are refit by least squares on calibration data."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -128,7 +130,7 @@ def test_statistics_in_several_passes_give_the_same_refit():
     model, traced, dg = analysed("llama_gqa")
     vocab = fetch_attr(traced.module, "model.embed_tokens.weight").shape[0]
     calib = torch.randint(0, vocab, (6, 10), generator=torch.Generator().manual_seed(0))
-    plan = graphprune.random_plan(dg, ["heads", "channels"], 0.5, seed=1)
+    plan = graphprune.random_plan(dg, ["hidden", "heads", "channels"], 0.5, seed=1)  # q/k/v/gate/up share their input
     one = reconstruct_weights(dg, plan, calib, example_kwargs=traced.example_kwargs)
     many = reconstruct_weights(dg, plan, calib, example_kwargs=traced.example_kwargs, memory_mib=0)  # one layer per pass
     assert len(one.errors) >= 2 and set(one.weights) == set(many.weights)
@@ -136,14 +138,56 @@ def test_statistics_in_several_passes_give_the_same_refit():
         assert torch.allclose(one.weights[name], many.weights[name], atol=1e-5), name
 
 
-def test_gpt2_conv1d_layers_are_refit_with_their_bias():
+def test_gpt2_conv1d_weights_stored_in_out_are_refit_by_least_squares_with_their_bias():
     model, traced, dg = analysed("gpt2")
     vocab = fetch_attr(traced.module, "transformer.wte.weight").shape[0]
     calib = torch.randint(0, vocab, (8, 12), generator=torch.Generator().manual_seed(0))
-    plan = graphprune.random_plan(dg, ["channels"], 0.5, seed=0)
-    done = reconstruct_weights(dg, plan, calib, example_kwargs=traced.example_kwargs)
-    assert any(n.endswith("mlp.c_proj.bias") for n in done.weights)  # addmm: the bias is refit too
-    assert all(after < before for before, after in done.errors.values())
+    plan = graphprune.random_plan(dg, ["heads"], 0.5, seed=0)
+    done = reconstruct_weights(dg, plan, calib, example_kwargs=traced.example_kwargs, damp=1e-9)
+    name = next(n for n in done.errors if n.endswith("attn.c_proj.weight"))  # addmm(b, x, W), W [in, out], square
+    layer = model.get_submodule(name.rsplit(".", 1)[0])
+    seen = []
+    hook = layer.register_forward_hook(lambda m, args, out: seen.append(args[0].reshape(-1, args[0].shape[-1]).double()))
+    with torch.no_grad():
+        model(input_ids=calib)
+    hook.remove()
+    x = seen[0]
+    keep = next(lay.keep for lay in layers_to_refit(dg, plan.leaf_keep(dg)) if lay.weight == name)
+    target = x @ layer.weight.double() + layer.bias.double()
+    design = torch.cat([x[:, keep], torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    solution = torch.linalg.lstsq(design, target).solution  # [kept + 1, out]
+    assert torch.allclose(done.weights[name][keep].double(), solution[:-1], atol=1e-3)  # rows are inputs here
+    assert torch.allclose(done.weights[name.replace("weight", "bias")].double(), solution[-1], atol=1e-3)
+    small = graphprune.compile(model, plan=plan, calib=calib, reconstruct={"damp": 1e-3}, progress=False,
+                               example_kwargs=traced.example_kwargs)
+    assert graphprune.verify(small).ok
+
+
+def test_a_bias_two_layers_share_is_not_refit():
+    class SharedBias(TinyLM):
+        def __init__(self):
+            super().__init__(bias=False)
+            self.shared = nn.Parameter(torch.zeros(8))
+            self.down2 = nn.Linear(24, 8, bias=False)
+
+        def forward(self, input_ids):
+            h = self.embed(input_ids)
+            a = torch.relu(self.up(h))
+            out = torch.nn.functional.linear(a, self.down.weight, self.shared) + torch.nn.functional.linear(a, self.down2.weight, self.shared)
+            return self.head(h + out)
+
+    small = graphprune.compile(SharedBias(), 0.5, method="magnitude", kinds=["channels"], progress=False,
+                               example_kwargs={"input_ids": ids()[:2]})
+    assert small.plan.groups and layers_to_refit(small.dg, small.plan.leaf_keep(small.dg)) == []
+
+
+def test_ready_windows_are_used_as_given_with_a_warning_if_asked_for_another_count():
+    model = TinyLM()
+    windows = ids(n=5)
+    with pytest.warns(UserWarning, match="uses the 5 calibration windows given, not n_samples=96"):
+        small = graphprune.compile(model, 0.5, method="magnitude", kinds=["channels"], calib=windows,
+                                   reconstruct={"n_samples": 96}, progress=False, example_kwargs={"input_ids": windows[:2]})
+    assert small.report.reconstruction["samples"] == 5
 
 
 def test_bad_options_and_missing_data_are_clear_errors():
