@@ -656,7 +656,7 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
     atomic_write_text(out_md, "\n".join(lines))
     atomic_write_text(out_json, json.dumps({"meta": meta, "results": runs}, indent=1, default=str))
     if out_md.resolve() == MAIN_REPORT.resolve():
-        update_readme(meta, results, checks, whole, seeded)
+        update_readme(meta, results, checks, whole, seeded, refit)
 
 
 # runs of the 20% target on the whole test split that the main report quotes: the table's recovery
@@ -726,11 +726,11 @@ def seeds_check(out_md: Path, meta: dict, folder: Path | None = None) -> dict | 
               if c["result"] != "n/a" and not (c["target"] == TWENTY and len(c.get("of", ())) < 2)]
     if not checks:
         return None
-    same = all(data["meta"].get(k) == meta.get(k) for k in ("model", "caps", "method_config"))
     # the caps that differ from this table's (a reconstruction run differs in that one cap)
     theirs, ours = data["meta"].get("caps", {}), meta.get("caps", {})
     differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k, KEY_DEFAULTS.get(k)) != ours.get(k, KEY_DEFAULTS.get(k)))
     same_model_options = all(data["meta"].get(k) == meta.get(k) for k in ("model", "method_config"))
+    same = same_model_options and not differ  # caps compared with their defaults filled in (caps added later)
     return {"command": data["meta"]["command"], "date": data["meta"]["date"], "seeds": data["meta"].get("seeds", [0]),
             "targets": checks, "same_caps": same, "differ": differ, "folder": folder.name, "same_model_options": same_model_options,
             "methods": sorted({f"{r['method']} {r['ratio']:.0%}" for r in data["results"] if r.get("rows") and r.get("method") != "dense"})}
@@ -762,7 +762,7 @@ README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: list[dict] = (),
-                  seeded: dict | None = None) -> None:
+                  seeded: dict | None = None, refit: dict | None = None) -> None:
     """The README's results section: a short table (both ratios, with and without recovery) and the targets."""
     from graphprune.plan import atomic_write_text
 
@@ -790,7 +790,11 @@ def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: li
             + (f" Over {len(seeded['seeds'])} seeds (`docs/seeds/`): "
                f"{sum(c['result'] == 'pass' for c in seeded['targets'])} of the {len(seeded['targets'])} targets it checks met; "
                f"{sum(bool(c.get('within_noise')) for c in seeded['targets'])} of those {len(seeded['targets'])} comparisons "
-               "are within noise." if seeded else ""), "",
+               "are within noise." if seeded else "")
+            + (" With the layers that lose inputs refit after planning (`docs/reconstruct/`, "
+               + ", ".join(refit["methods"]) + "): " + "; ".join(
+                   f"{c['target']}: {fmt(c['ours'])}" + (f" ({c['method']})" if c.get("method") else "")
+                   + f" vs {fmt(c['reference'])}, **{c['result']}**" for c in refit["targets"]) + "." if refit else ""), "",
             README_END]
     start, end = text.index(README_START), text.index(README_END) + len(README_END)
     atomic_write_text(readme, text[:start] + "\n".join(body) + text[end:])
