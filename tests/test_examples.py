@@ -39,7 +39,8 @@ def test_onnx_deploy(tmp_path, monkeypatch, capsys):
 
 def test_lora_recovery(tmp_path, monkeypatch, capsys):
     out = run_example("lora_recovery.py", "--steps", "1", "--eval-tokens", "256", "--calib-samples", "2", "--out", str(tmp_path / "r"),
-                      monkeypatch=monkeypatch, capsys=capsys)
+                      "--reconstruct", "16", monkeypatch=monkeypatch, capsys=capsys)
+    assert re.search(r"reconstruction +\d+ layers refit on 16 samples", out)
     dense, pruned, recovered = map(float, re.search(r"dense ([0-9.]+), pruned ([0-9.]+), recovered ([0-9.]+)", out).groups())
     assert dense < pruned  # pruning half the blocks costs quality; 1 step does not have to win it all back
     assert (tmp_path / "r" / "model.pt2").exists()
