@@ -20,8 +20,9 @@ worse than not refitting at all (SmolLM2-135M, Taylor 20% of MLP channels, WikiT
 perplexity: sliced 70.7; pruned inputs 69.0–72.3 for damp 0.3–0.03; dense inputs 63.0–63.2).
 
 Which ops are such layers is data (``CONTRACTIONS``): an op, where its input and weight are, and
-which dim of the weight meets the input's last dim. A weight is refit only when it is a parameter
-that one node reads (a tied embedding is also the input table). The idea (refitting the remaining
+which dim of the weight meets the input's last dim; the weight may come through a transpose (Falcon's
+``x @ W.T``). A weight is refit only when it is a parameter that one node reads (a tied embedding is
+also the input table). The idea (refitting the remaining
 weights on calibration activations after structured pruning) is that of FLAP's bias compensation
 and of the layer-wise reconstruction in SlimGPT and ZipLM; the closed form is ordinary ridge regression.
 """
@@ -63,7 +64,10 @@ CONTRACTIONS: dict = {
     aten.linear.default: Contraction(input=0, weight=1, weight_dim=1, bias=2),  # y = x Wᵀ + b, W [out, in]
     aten.addmm.default: Contraction(input=1, weight=2, weight_dim=0, bias=0),  # y = b + x W, W [in, out] (GPT-2 Conv1D)
     aten.mm.default: Contraction(input=0, weight=1, weight_dim=0),  # y = x W
+    aten.matmul.default: Contraction(input=0, weight=1, weight_dim=0),  # y = x W, x [..., in]
 }
+# a weight may reach the op transposed (Falcon's ``x @ W.T``): these ops swap a 2-D weight's dims
+TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
 
 
 @dataclass
@@ -114,11 +118,13 @@ def layers_to_refit(dg: DependencyGraph, leaf_keep: dict) -> list[Layer]:
         rule = CONTRACTIONS.get(n.target) if n.op == "call_function" else None
         if rule is None or len(n.args) <= rule.weight or any(n.kwargs.get(k, 1) != 1 for k in ("alpha", "beta")):
             continue  # addmm's scaled forms are not y = x·W + b
-        weight = _param_name(dg, n.args[rule.weight])
+        weight, weight_dim = _param_name(dg, n.args[rule.weight]), rule.weight_dim
+        if weight is None and _is_transpose(n.args[rule.weight]):
+            weight, weight_dim = _param_name(dg, n.args[rule.weight].args[0]), 1 - rule.weight_dim
         if weight is None or readers.get(weight) != 1 or fetch_attr(dg.gm, weight).dim() != 2:
             continue
         axes = dg.params[weight]
-        in_axis, out_axis = axes[rule.weight_dim], axes[1 - rule.weight_dim]
+        in_axis, out_axis = axes[weight_dim], axes[1 - weight_dim]
         if not masks.pruned(in_axis) or masks.kept(out_axis) == 0:
             continue
         keep = masks.mask(in_axis).bool()
@@ -130,8 +136,19 @@ def layers_to_refit(dg: DependencyGraph, leaf_keep: dict) -> list[Layer]:
             if bias is not None and (readers.get(bias) != 1 or fetch_attr(dg.gm, bias).dim() != 1):
                 continue  # a shared bias: refitting it for this layer would change another
         source = n.args[rule.input]
-        out.append(Layer(n.name, weight, rule.weight_dim, keep, bias, source.name if isinstance(source, fx.Node) else n.name))
+        out.append(Layer(n.name, weight, weight_dim, keep, bias, source.name if isinstance(source, fx.Node) else n.name))
     return out
+
+
+def _is_transpose(node) -> bool:
+    """A view that swaps the two dims of a 2-D tensor, read by one node only."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in TRANSPOSES or len(node.users) != 1:
+        return False
+    if node.target is aten.permute.default:
+        return list(node.args[1]) == [1, 0]
+    if node.target is aten.transpose.int:
+        return sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+    return True
 
 
 def _param_name(dg: DependencyGraph, node) -> str | None:

@@ -4,7 +4,8 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from conftest import analysed, fresh_inputs, outputs
+import zoo
+from conftest import ARCHS, analysed, fresh_inputs, outputs
 
 import graphprune
 from graphprune.analysis.walk import fetch_attr
@@ -236,3 +237,20 @@ def test_non_finite_inputs_are_a_clear_error():
         small.dg.gm.get_parameter("up.weight")[0, 0] = float("inf")  # the traced copy, not the caller's model
     with pytest.raises(graphprune.GraphpruneError, match="not finite"):
         reconstruct_weights(small.dg, small.plan, ids())
+
+
+# in the default run: one of each way a layer is written (linear, Conv1D addmm, matmul with W.T), MoE, an encoder
+FAST = {"llama_gqa", "gpt2", "falcon", "mixtral", "deepseek_v3", "bert"}
+
+
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in ARCHS])
+def test_every_architecture_refits_and_still_verifies(name):
+    model, traced, dg = analysed(name)
+    vocab = zoo._vocab_size(name)
+    calib = torch.randint(0, vocab, (8, 12), generator=torch.Generator().manual_seed(0))
+    kinds = [k for k in ("hidden", "heads", "channels", "experts") if any(g.kind == k for g in dg.groups)]
+    plan = graphprune.random_plan(dg, kinds, 0.6, seed=0)
+    small = graphprune.compile(model, plan=plan, calib=calib, reconstruct=True, progress=False, example_kwargs=traced.example_kwargs)
+    r = small.report.reconstruction
+    assert r["layers"] > 0 and r["mean_error_refit"] < r["mean_error_sliced"]
+    assert graphprune.verify(small).ok
