@@ -322,6 +322,9 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
         out["compile_seconds"] = time.perf_counter() - t0
         report = pruned.report
         out["score_seconds"] = report.seconds.get("score")
+        if report.reconstruction:  # its time and how far each refit layer's output error fell (per layer in the report)
+            out["reconstruction"] = {**{k: v for k, v in report.reconstruction.items() if k != "errors"},
+                                     "seconds": report.seconds.get("reconstruct")}
         out["achieved_ratio"] = report.achieved_ratio
         out["per_layer"] = [{k: list(v) if isinstance(v, tuple) else v for k, v in r.items()} for r in report.per_layer()]
         params = pruned.num_parameters()
