@@ -788,7 +788,8 @@ def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: li
             *rows, "",
             f"Targets of the quality issue: {passed} of {len(checks)} met on this table — see `docs/results.md`."
             + (" The 20% target on the whole WikiText-2 test split: " + "; ".join(
-                f"{fmt(c['ours'])} ({c['method']}) vs {fmt(c['reference'])} after {c['recovery_steps']} steps of recovery, "
+                f"{fmt(c['ours'])} ({c['method']}) vs {fmt(c['reference'])} after "
+                + ("reconstruction and " if c.get("reconstruct") else "") + f"{c['recovery_steps']} steps of recovery, "
                 f"**{c['result']}** (`docs/{c['folder']}/`)" for c in whole) + "." if whole else "")
             + (f" Over {len(seeded['seeds'])} seeds (`docs/seeds/`): "
                f"{sum(c['result'] == 'pass' for c in seeded['targets'])} of the {len(seeded['targets'])} targets it checks met; "
