@@ -203,14 +203,19 @@ def _captured(model: fx.GraphModule, layers: list[Layer], kwargs: dict, inputs_o
     return capture.seen
 
 
+def _current(dg, weights, name: str) -> torch.Tensor:
+    """A parameter's value as the rewrite will read it: the pass's update when there is one."""
+    return weights[name] if name in weights else fetch_attr(dg.gm, name)
+
+
 def _weight_rows(dg, layer: Layer, weights) -> torch.Tensor:
     """The layer's weight as [out, in] in float64 (its bias as one more input column), with the pass's updates."""
-    w = weights[layer.weight] if layer.weight in weights else fetch_attr(dg.gm, layer.weight)
+    w = _current(dg, weights, layer.weight)
     w = w.detach().double()
     if layer.weight_dim == 0:
         w = w.T
     if layer.bias is not None:
-        b = weights[layer.bias] if layer.bias in weights else fetch_attr(dg.gm, layer.bias)
+        b = _current(dg, weights, layer.bias)
         w = torch.cat([w, b.detach().double().unsqueeze(1)], dim=1)
     return w
 
@@ -318,10 +323,10 @@ def _refit(w: torch.Tensor, layer: Layer, gram: torch.Tensor, damp: float) -> tu
 def _store(weights, dg, layer: Layer, new: torch.Tensor) -> None:
     """Write the refit columns into dense-shaped copies of the weight (and bias)."""
     if layer.bias is not None:
-        bias_old = weights[layer.bias] if layer.bias in weights else fetch_attr(dg.gm, layer.bias)
+        bias_old = _current(dg, weights, layer.bias)
         weights.set(layer.bias, new[:, -1].to(bias_old.device, bias_old.dtype).detach().clone())
         new = new[:, :-1]
-    old = weights[layer.weight] if layer.weight in weights else fetch_attr(dg.gm, layer.weight)
+    old = _current(dg, weights, layer.weight)
     rows = old.detach().clone()
     if layer.weight_dim == 0:
         rows = rows.T

@@ -125,13 +125,17 @@ def test_in_place_ops_on_values_keep_removed_channels_zero():
     assert graphprune.verify(small, trials=2).ok
 
 
-class ViewChainWrite(torch.nn.Module):
-    """An in-place write through two views (``h.unsqueeze(0)[0].mul_(2)``) must reach ``h``."""
+class TwoLinears(torch.nn.Module):
+    """``a``: 16 -> 8, then ``b``: ``width`` -> 16; seeded. Subclasses say what happens between them."""
 
-    def __init__(self):
+    def __init__(self, width: int = 8):
         super().__init__()
         torch.manual_seed(0)
-        self.a, self.b = torch.nn.Linear(16, 8), torch.nn.Linear(8, 16)
+        self.a, self.b = torch.nn.Linear(16, 8), torch.nn.Linear(width, 16)
+
+
+class ViewChainWrite(TwoLinears):
+    """An in-place write through two views (``h.unsqueeze(0)[0].mul_(2)``) must reach ``h``."""
 
     def forward(self, x):
         h = torch.relu(self.a(x))
@@ -154,16 +158,11 @@ def test_in_place_writes_through_a_chain_of_views_stay_exact():
 
 
 def test_scatter_reads_only_part_of_its_source_which_then_stays_whole():
-    class PartScatter(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.a, self.b = torch.nn.Linear(16, 8), torch.nn.Linear(4, 16)
-
+    class PartScatter(TwoLinears):
         def forward(self, x):
             h = torch.relu(self.a(x))
             index = torch.arange(4).expand(*h.shape[:-1], 4)
             return self.b(torch.zeros(*h.shape[:-1], 4).scatter(-1, index, h))  # reads h[..., :4]
 
-    dg = graphprune.analyze(PartScatter(), example_inputs=(torch.randn(2, 5, 16),))
+    dg = graphprune.analyze(PartScatter(width=4), example_inputs=(torch.randn(2, 5, 16),))
     assert not any(m.param.startswith("a.") for g in dg.groups for m in g.members)
