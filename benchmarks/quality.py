@@ -7,6 +7,8 @@ PTB perplexity under LLM-Pruner's 128-token protocol and the long one (1024 or t
 7-task zero-shot accuracy and its average, scoring time, fine-tuning time, peak memory.
 Methods of ``METHODS`` not registered (``graphprune.available_passes()``) appear as missing, without
 numbers; a ``--methods`` name that is neither in ``METHODS`` nor a registered pass is rejected (exit 2).
+Every pruned model has the layers that lose inputs refit after planning (``RECONSTRUCT_RECIPE``, compile's
+``reconstruct=``) before its rows are measured; ``--no-reconstruct`` measures the sliced weights instead.
 
 Each (method, ratio) runs in a fresh subprocess, so its peak memory is its own; ``--jobs N`` runs N
 of them at once (each with cores / N torch threads). Each finished case is kept in a cache
@@ -59,6 +61,9 @@ TASK_LABELS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaS.", "winogr
                "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
 
 
+# the refit every method gets after planning (compile's reconstruct=), chosen on WikiText-2 *validation* text
+# (docs/validation.md: the dense model's inputs, damp 0.1, 256 windows); --no-reconstruct leaves the sliced weights
+RECONSTRUCT_RECIPE = json.dumps({"calib": "wikitext2", "n_samples": 256})
 PERPLEXITIES = ("wikitext2@128", "ptb@128", "wikitext2@long", "ptb@long")
 ALL_PERPLEXITIES = ",".join(PERPLEXITIES)
 MAIN_REPORT = REPO / "docs" / "results.md"
@@ -86,13 +91,14 @@ class Caps:
     # the pruning recipe, the same for every method that has no kinds of its own (PAT prunes the hidden size):
     kinds: str = "channels"  # comma list ("" = each method's default); see recipe_note() for why not heads
     protect_layers: str = "4,2"  # first,last blocks left whole by the uniform-allocation methods (LLM-Pruner's recipe)
-    reconstruct: str = ""  # JSON of compile's reconstruct= for every method ("" = none): refit the layers that lose inputs
+    reconstruct: str = RECONSTRUCT_RECIPE  # JSON of compile's reconstruct= for every method ("" = none): refit the layers that lose inputs
     eval_batch: int = 8
     device: str = "auto"
 
 
 QUICK = dict(max_tokens=1024, max_examples=12, finetune_steps=4, finetune_batch=2, finetune_seq_len=256,
-             calib_samples=4, calib_seq_len=64, method_steps=4, protect_layers="1,1")
+             calib_samples=4, calib_seq_len=64, method_steps=4, protect_layers="1,1",
+             reconstruct=json.dumps({"calib": "wikitext2", "n_samples": 8}))
 
 
 def peak_rss_gib() -> float:
@@ -192,7 +198,8 @@ def recovery_windows(caps: Caps, tok, steps: int, batch: int, seed: int = 0):
 
 def reconstruct_note(caps: dict) -> list[str]:
     if not caps.get("reconstruct"):
-        return []
+        return ["**No reconstruction** (`--no-reconstruct`): each pruned model keeps the dense weights of its kept units, "
+                "sliced, until its recovery.", ""]
     return [f"**Reconstruction** (`reconstruct={caps['reconstruct']}` for every method, `graphprune.reconstruct`): after "
             "planning, the layers that lose inputs (each MLP's down-projection under the channels recipe; every projection "
             "that reads the hidden size under PAT's) are refit by least squares on "
@@ -259,6 +266,22 @@ def _ratios_arg(text: str) -> list[float]:
     if not ratios or not all(0 < r < 1 for r in ratios):
         raise argparse.ArgumentTypeError(f"takes a comma list of numbers in (0, 1), got {text!r}")
     return ratios
+
+
+def _reconstruct_arg(text: str) -> str:
+    """``--reconstruct``: a JSON object of ``compile``'s reconstruct options, checked (and written one way, so
+    that the cache key does not depend on spacing) before any model loads."""
+    from graphprune.errors import GraphpruneError
+    from graphprune.reconstruct import reconstruct_options
+
+    try:
+        options = json.loads(text)
+        if not isinstance(options, dict):
+            raise ValueError("not a JSON object")
+        reconstruct_options(options)
+    except (ValueError, GraphpruneError) as e:
+        raise argparse.ArgumentTypeError(f"takes a JSON object of reconstruct options, got {text!r}: {e}") from None
+    return json.dumps(options)
 
 
 def _methods_arg(text: str) -> str:
@@ -345,7 +368,8 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
 
 
 # ================================================================ orchestration (parent process)
-# caps added after cases were cached: at these values they leave a case's key as it was
+# caps added after cases were cached: at these values they leave a case's key as it was (for reconstruct, "" is
+# no refit, which every case ran with before reconstruction existed; the recipe's own key names it)
 KEY_DEFAULTS = {"perplexities": ALL_PERPLEXITIES, "zeroshot": True, "reconstruct": ""}
 # the calibration text of the pruned cases (the dense ones have none): when the library changes what
 # "wikitext2" calibration reads, every pruned case must run again, so it is part of their key
@@ -644,10 +668,10 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
     if seeded is not None:
         meta["seeds_targets"] = seeded
         lines += seeds_text(seeded)
-    refit = seeds_check(out_md, meta, RECONSTRUCT_RUN)
-    if refit is not None:
-        meta["reconstruct_targets"] = refit
-        lines += reconstruct_text(refit)
+    plain = seeds_check(out_md, meta, NO_RECONSTRUCT_RUN)
+    if plain is not None:
+        meta["no_reconstruct_targets"] = plain
+        lines += no_reconstruct_text(plain)
     missing = [r["method"] for r in runs if r.get("missing")]
     if missing:
         lines += [f"Missing (method not registered when this ran): {', '.join(sorted(set(missing)))}.", ""]
@@ -659,7 +683,7 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
     atomic_write_text(out_md, "\n".join(lines))
     atomic_write_text(out_json, json.dumps({"meta": meta, "results": runs}, indent=1, default=str))
     if out_md.resolve() == MAIN_REPORT.resolve():
-        update_readme(meta, results, checks, whole, seeded, refit)
+        update_readme(meta, results, checks, whole, seeded, plain)
 
 
 # runs of the 20% target on the whole test split that the main report quotes: the table's recovery
@@ -704,7 +728,7 @@ def whole_split_checks(out_md: Path) -> list[dict]:
 
 def whole_split_text(c: dict) -> list[str]:
     link = f"{c['folder']}/results.md"
-    refit = ", layers refit after planning" if c.get("reconstruct") else ""
+    refit = ", layers refit after planning" if c.get("reconstruct") else ", no refit after planning"
     return [f"**The 20% target on the whole WikiText-2 test split, recovery {c['recovery']}{refit}** ({c['tokens']:,} tokens "
             f"scored, 128-token windows; [`{link}`]({link}), `{c['command']}`, {c['date']}; methods run there: "
             f"{', '.join(c['methods'])}): best with recovery {fmt(c['ours'])} ({c['method']}) vs {fmt(c['reference'])} "
@@ -739,33 +763,39 @@ def seeds_check(out_md: Path, meta: dict, folder: Path | None = None) -> dict | 
             "methods": sorted({f"{r['method']} {r['ratio']:.0%}" for r in data["results"] if r.get("rows") and r.get("method") != "dense"})}
 
 
-# a run of the same caps and options with every method's layers refit after planning (compile's reconstruct=)
-RECONSTRUCT_RUN = REPO / "docs" / "reconstruct"
+# a run of the same caps and options without the refit after planning (--no-reconstruct): what it adds
+NO_RECONSTRUCT_RUN = REPO / "docs" / "no_reconstruct"
 
 
-def reconstruct_text(run: dict) -> list[str]:
+def only_without_refit(run: dict) -> bool:
+    """Whether a quoted run differs from this table only in having no refit after planning."""
+    return run["differ"] == ["reconstruct"] and run["same_model_options"]
+
+
+def no_reconstruct_text(run: dict) -> list[str]:
     link = f"{run['folder']}/results.md"
-    same = run["differ"] == ["reconstruct"] and run["same_model_options"]
-    return [f"**The targets with reconstruction** ([`{link}`]({link}), `{run['command']}`, {run['date']}; cases run: "
-            f"{', '.join(run['methods'])}; " + ("this table's model, caps and options, and the layers that lose inputs refit "
-                                                 "after planning" if same else f"caps that differ from this table's: {', '.join(run['differ'])}")
+    met = sum(c["result"] == "pass" for c in run["targets"])
+    return [f"**The targets without reconstruction** ([`{link}`]({link}), `{run['command']}`, {run['date']}; cases run: "
+            f"{', '.join(run['methods'])}; " + ("this table's model, caps and options, the pruned weights only sliced"
+                                                 if only_without_refit(run) else f"caps that differ from this table's: {', '.join(run['differ'])}")
             + ("" if run["same_model_options"] else "; **another model or other method options**: see its report")
-            + "): the targets that run could check.", "", targets_table(run["targets"]), ""]
+            + f"): {met} of the {len(run['targets'])} targets that run could check met.", "", targets_table(run["targets"]), ""]
 
 
 def seeds_text(run: dict) -> list[str]:
+    same = ("the same model, caps and options as this table, whose cases are its seed 0" if run["same_caps"]
+            else "this table's model, caps and options but no refit after planning" if only_without_refit(run)
+            else "**not the model, caps or options of this table**: see its report")
     return [f"**The targets over {len(run['seeds'])} seeds** ([`seeds/results.md`](seeds/results.md), `{run['command']}`, "
-            f"{run['date']}; " + ("the same model, caps and options as this table, whose cases are its seed 0"
-                                  if run["same_caps"] else "**not the model, caps or options of this table**: see its report")
-            + "): the comparison is of the means, *within noise* where the two methods' ranges over the seeds overlap.",
-            "", targets_table(run["targets"]), ""]
+            f"{run['date']}; {same}): the comparison is of the means, *within noise* where the two methods' ranges over "
+            "the seeds overlap.", "", targets_table(run["targets"]), ""]
 
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: list[dict] = (),
-                  seeded: dict | None = None, refit: dict | None = None) -> None:
+                  seeded: dict | None = None, plain: dict | None = None) -> None:
     """The README's results section: a short table (both ratios, with and without recovery) and the targets."""
     from graphprune.plan import atomic_write_text
 
@@ -795,10 +825,9 @@ def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: li
                f"{sum(c['result'] == 'pass' for c in seeded['targets'])} of the {len(seeded['targets'])} targets it checks met; "
                f"{sum(bool(c.get('within_noise')) for c in seeded['targets'])} of those {len(seeded['targets'])} comparisons "
                "are within noise." if seeded else "")
-            + (" With the layers that lose inputs refit after planning (`docs/reconstruct/`, "
-               + ", ".join(refit["methods"]) + "): " + "; ".join(
-                   f"{c['target']}: {fmt(c['ours'])}" + (f" ({c['method']})" if c.get("method") else "")
-                   + f" vs {fmt(c['reference'])}, **{c['result']}**" for c in refit["targets"]) + "." if refit else ""), "",
+            + (f" Without the refit after planning (`docs/{plain['folder']}/`): "
+               f"{sum(c['result'] == 'pass' for c in plain['targets'])} of the {len(plain['targets'])} targets it checks met."
+               if plain else ""), "",
             README_END]
     start, end = text.index(README_START), text.index(README_END) + len(README_END)
     atomic_write_text(readme, text[:start] + "\n".join(body) + text[end:])
@@ -827,8 +856,10 @@ def main() -> None:
     parser.add_argument("--method-steps", type=int, help="steps of the passes that train (their `steps` option)")
     parser.add_argument("--kinds", help='what the methods without kinds of their own remove (default "channels"; "" = their defaults)')
     parser.add_argument("--protect-layers", help='FIRST,LAST blocks the uniform-allocation methods leave whole (default "4,2"; "" = none)')
-    parser.add_argument("--reconstruct", help='JSON of compile\'s reconstruct= for every method, e.g. \'{"calib": "wikitext2", '
-                                             '"n_samples": 256}\' (default: none)')
+    parser.add_argument("--reconstruct", type=_reconstruct_arg, help="JSON of compile's reconstruct= for every method "
+                        f"(default {RECONSTRUCT_RECIPE}: the layers that lose inputs are refit after planning)")
+    parser.add_argument("--no-reconstruct", dest="reconstruct", action="store_const", const="",
+                        help="no refit after planning: the pruned models keep the dense weights, sliced")
     parser.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--method-config", type=json.loads, default={}, help='JSON {method: {option: value}}')
     parser.add_argument("--seeds", default="0", help="comma list: each pruned case runs once per seed (calibration windows, "

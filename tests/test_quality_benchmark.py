@@ -15,7 +15,7 @@ import quality  # noqa: E402
 
 
 def test_recipe_channels_for_all_protection_for_uniform_allocation_only():
-    caps = quality.Caps(method_steps=40)
+    caps = quality.Caps(method_steps=40, reconstruct="")  # the refit's option: its own test below
     assert quality.method_config("taylor", caps, {}) == {"kinds": ["channels"], "protect_layers": [4, 2]}
     assert quality.method_config("magnitude", caps, {}) == {"kinds": ["channels"], "protect_layers": [4, 2]}
     assert quality.method_config("loraprune", caps, {})["protect_layers"] == [4, 2]
@@ -25,15 +25,15 @@ def test_recipe_channels_for_all_protection_for_uniform_allocation_only():
     assert quality.method_config("hywia", caps, {"hywia": {"allocation": "uniform"}})["protect_layers"] == [4, 2]
     assert quality.method_config("taylor", caps, {"taylor": {"kinds": ["heads"]}})["kinds"] == ["heads"]
     # "" switches the recipe off: each method's own defaults
-    assert quality.method_config("taylor", quality.Caps(kinds="", protect_layers=""), {}) == {}
+    assert quality.method_config("taylor", quality.Caps(kinds="", protect_layers="", reconstruct=""), {}) == {}
 
 
 def test_pat_trains_at_the_recovery_budget_and_keeps_its_own_kinds():
-    caps = quality.Caps(finetune_steps=80, finetune_batch=4, lora_r=8, lora_alpha=16, method_steps=40)
+    caps = quality.Caps(finetune_steps=80, finetune_batch=4, lora_r=8, lora_alpha=16, method_steps=40, reconstruct="")
     config = quality.method_config("pat", caps, {})
     assert config == {"steps": 80, "batch_size": 4, "lora_r": 8, "lora_alpha": 16}
     assert quality.method_config("bernoulli", caps, {})["steps"] == 40  # the other trainers: method_steps
-    assert quality.method_config("pat", quality.Caps(finetune_steps=0, method_steps=40), {}) == {"steps": 40}
+    assert quality.method_config("pat", quality.Caps(finetune_steps=0, method_steps=40, reconstruct=""), {}) == {"steps": 40}
 
 
 @pytest.mark.slow
@@ -256,37 +256,58 @@ def test_main_report_quotes_the_several_seed_run(tmp_path, monkeypatch):
     assert quality.seeds_check(tmp_path / "results.md", main) is None  # only the main report quotes it
 
 
-def test_main_report_quotes_the_reconstruction_run(tmp_path):
+def test_main_report_quotes_the_run_without_reconstruction(tmp_path):
     dense = _seeded("dense", 0.0, 0, 50.0, 0.4)
-    lp, taylor = _seeded("loraprune", 0.2, 0, 56.0, 0.4), _seeded("taylor", 0.2, 0, 63.0, 0.4)
+    lp, taylor = _seeded("loraprune", 0.2, 0, 66.0, 0.4), _seeded("taylor", 0.2, 0, 63.0, 0.4)
     for res in (dense, lp, taylor):
         res["rows"].append({**res["rows"][0], "recovery": "lora"})
-    main = {"model": "m", "caps": {"max_tokens": 4096}, "method_config": {}}
-    theirs = {**main, "caps": {"max_tokens": 4096, "reconstruct": '{"n_samples": 256}'}, "command": "python benchmarks/quality.py "
-              "--reconstruct ...", "date": "d", "targets": quality.targets(quality.merge_seeds([dense, lp, taylor]))}
+    main = {"model": "m", "caps": {"max_tokens": 4096, "reconstruct": quality.RECONSTRUCT_RECIPE}, "method_config": {}}
+    theirs = {**main, "caps": {"max_tokens": 4096, "reconstruct": ""}, "command": "python benchmarks/quality.py "
+              "--no-reconstruct ...", "date": "d", "targets": quality.targets(quality.merge_seeds([dense, lp, taylor]))}
     (tmp_path / "quality.json").write_text(json.dumps({"meta": theirs, "results": [dense, lp, taylor]}))
     run = quality.seeds_check(quality.REPO / "docs" / "results.md", main, tmp_path)
     assert run["differ"] == ["reconstruct"] and run["methods"] == ["loraprune 20%", "taylor 20%"]
     twenty = next(c for c in run["targets"] if c["target"] == quality.TWENTY)
-    assert twenty["result"] == "pass" and twenty["method"] == "loraprune"  # 56 <= 1.15 x 50
-    text = "\n".join(quality.reconstruct_text(run))
-    assert "this table's model, caps and options, and the layers that lose inputs refit" in text
-    other = quality.seeds_check(quality.REPO / "docs" / "results.md", {**main, "caps": {"max_tokens": 1024}}, tmp_path)
-    assert "caps that differ from this table's: max_tokens, reconstruct" in "\n".join(quality.reconstruct_text(other))
+    assert twenty["result"] == "miss" and twenty["method"] == "taylor"  # 63 > 1.15 x 50
+    text = "\n".join(quality.no_reconstruct_text(run))
+    assert "this table's model, caps and options, the pruned weights only sliced" in text
+    assert "0 of the 1 targets that run could check met" in text
+    other = quality.seeds_check(quality.REPO / "docs" / "results.md",
+                                {**main, "caps": {**main["caps"], "max_tokens": 1024}}, tmp_path)
+    assert "caps that differ from this table's: max_tokens, reconstruct" in "\n".join(quality.no_reconstruct_text(other))
     other_model = quality.seeds_check(quality.REPO / "docs" / "results.md", {**main, "model": "other"}, tmp_path)
-    text = "\n".join(quality.reconstruct_text(other_model))
+    text = "\n".join(quality.no_reconstruct_text(other_model))
     assert "this table's model" not in text and "another model or other method options" in text
+    # a several-seed run without the refit says so, rather than just "not this table's caps"
+    assert "but no refit after planning" in "\n".join(quality.seeds_text({**run, "seeds": [0, 1, 2], "same_caps": False}))
+    assert "**not the model, caps or options" in "\n".join(quality.seeds_text({**other, "seeds": [0, 1], "same_caps": False}))
 
 
-def test_reconstruction_reads_wikitext2_unless_told_and_leaves_the_dense_key_alone():
-    caps = quality.Caps(reconstruct='{"n_samples": 256}')
-    config = quality.method_config("loraprune", caps, {})
-    assert config["reconstruct"] == {"calib": "wikitext2", "n_samples": 256}  # not the method's own calibration windows
+def test_reconstruction_is_the_default_recipe_reads_wikitext2_and_leaves_the_dense_key_alone():
     from dataclasses import asdict
 
-    plain = asdict(quality.Caps())
+    config = quality.method_config("loraprune", quality.Caps(), {})
+    assert config["reconstruct"] == {"calib": "wikitext2", "n_samples": 256}  # not the method's own calibration windows
+    caps = quality.Caps(reconstruct='{"n_samples": 64}')
+    assert quality.method_config("loraprune", caps, {})["reconstruct"] == {"calib": "wikitext2", "n_samples": 64}
+    assert "reconstruct" not in quality.method_config("loraprune", quality.Caps(reconstruct=""), {})
+    plain, default = asdict(quality.Caps(reconstruct="")), asdict(quality.Caps())
     assert quality.cache_path("dense", "m", asdict(caps), {}) == quality.cache_path("dense", "m", plain, {})
-    assert quality.cache_path("taylor:0.2", "m", asdict(caps), {}) != quality.cache_path("taylor:0.2", "m", plain, {})
+    assert quality.cache_path("taylor:0.2", "m", default, {}) != quality.cache_path("taylor:0.2", "m", plain, {})
+    # the runs made with the recipe spelled out (before it was the default) keep their key, and so do the ones without
+    spelled = {**default, "reconstruct": '{"calib": "wikitext2", "n_samples": 256}'}
+    assert quality.cache_path("taylor:0.2", "m", spelled, {}) == quality.cache_path("taylor:0.2", "m", default, {})
+    before = {k: v for k, v in plain.items() if k != "reconstruct"}  # caps recorded before the field existed
+    assert quality.cache_path("taylor:0.2", "m", before, {}) == quality.cache_path("taylor:0.2", "m", plain, {})
+    assert "No reconstruction" in "\n".join(quality.recipe_note(plain))
+    assert "**Reconstruction**" in "\n".join(quality.recipe_note(default))
+
+
+@pytest.mark.parametrize("value", ["x", "[1]", '{"damp": -1}', '{"nope": 1}'])
+def test_a_bad_reconstruct_option_exits_before_any_model_loads(value):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--reconstruct", value, "--model", "/nonexistent"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--reconstruct: takes a JSON object of reconstruct options" in proc.stderr
 
 
 def test_an_earlier_report_gives_back_the_cases_this_run_would_compute_again(tmp_path):
@@ -305,6 +326,10 @@ def test_an_earlier_report_gives_back_the_cases_this_run_would_compute_again(tmp
     assert sorted(quality.reusable_cases(path, "m", caps, config)) == ["dense", "taylor:0.2"]
     assert quality.reusable_cases(path, "m", {**caps, "finetune_steps": 1}, config) == {}  # other caps
     assert sorted(quality.reusable_cases(path, "m", caps, {})) == ["dense"]  # other options for taylor
-    assert sorted(quality.reusable_cases(path, "m", {**caps, "reconstruct": ""}, config)) == ["dense", "taylor:0.2"]  # a default cap
+    # a report from before a cap existed ran at its key default: reconstruct "" (no refit), not today's recipe
+    older = {k: v for k, v in caps.items() if k != "reconstruct"}
+    path.write_text(json.dumps({"meta": {"model": "m", "caps": older, "method_config": config}, "results": results}))
+    assert sorted(quality.reusable_cases(path, "m", {**caps, "reconstruct": ""}, config)) == ["dense", "taylor:0.2"]
+    assert sorted(quality.reusable_cases(path, "m", caps, config)) == ["dense"]
     assert quality.reusable_cases(tmp_path / "none.json", "m", caps, config) == {}
     assert quality.calibration_of({"commit": quality.MARKERS_DROPPED_AT}) == quality.CALIBRATION_TEXT
