@@ -14,6 +14,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
@@ -32,6 +33,9 @@ from .data import as_tokenizer, load_tokenizer
 from .registry import check_options, get_pass
 from .scoring import score
 from .trace import Traced, trace
+
+if TYPE_CHECKING:  # finetune imports this module
+    from .finetune import FinetuneInfo
 
 SAVE_FORMAT = "graphprune.model"
 SAVE_VERSION = 1
@@ -135,6 +139,7 @@ class CompiledModel:
     weights: dict | None = None  # dense weights a pass changed before pruning (merged LoRA/HSM), for verify
     source: torch.nn.Module | None = None  # the caller's (unchanged) model, for module-level copies
     path: Path | None = None  # the directory it was loaded from
+    finetune_info: FinetuneInfo | None = None  # set by finetune(): the weights left the dense ones on purpose
 
     def to_hf(self, check: bool = True) -> torch.nn.Module:
         """The pruned model as a ``transformers`` model (real ``nn.Linear`` layers, for peft/Trainer).
@@ -511,6 +516,17 @@ def random_inputs(example_kwargs: dict, batch: int, seq: int, generator: torch.G
     return out
 
 
+def check_cut_from_dense(compiled, action: str, why: str) -> None:
+    """``verify`` and ``reconstruct`` work against the dense model a pruned one was cut from: they need
+    ``compile``'s analysis of it (``load`` keeps none) and weights that still derive from it (not fine-tuned)."""
+    if not isinstance(compiled, CompiledModel):
+        raise GraphpruneError(f"{action} takes the CompiledModel that compile() returned, not a {type(compiled).__name__}")
+    if compiled.dg is None:
+        raise GraphpruneError(f"{action} needs the dense model's analysis: call it on the result of compile(), not load()")
+    if compiled.finetune_info is not None:  # its weights left the dense ones on purpose
+        raise GraphpruneError(f"{action} {why}: call it on the model compile() returned, before finetune()")
+
+
 def verify(compiled: CompiledModel, trials: int = 3, seed: int = 0, tolerance: float = 1e-5) -> Verification:
     """Check on fresh random inputs that the pruned graph equals the masked dense graph.
 
@@ -520,14 +536,9 @@ def verify(compiled: CompiledModel, trials: int = 3, seed: int = 0, tolerance: f
     """
     from .data import check_size
 
-    if not isinstance(compiled, CompiledModel):
-        raise GraphpruneError(f"verify takes the CompiledModel that compile() returned, not a {type(compiled).__name__}")
+    check_cut_from_dense(compiled, "verify", "compares a pruned model with the dense model it was cut from; a fine-tuned "
+                                             "one differs from it by design")
     check_size(trials, "trials")  # zero trials would report "OK" having compared nothing
-    if compiled.dg is None:
-        raise GraphpruneError("verify needs the dense model's analysis: call it on the result of compile(), not load()")
-    if getattr(compiled, "finetune_info", None) is not None:  # its weights left the dense ones on purpose
-        raise GraphpruneError("verify compares a pruned model with the dense model it was cut from; a fine-tuned one "
-                              "differs from it by design: verify the model compile() returned, before finetune()")
     groups = [compiled.dg.group(g.name) for g in compiled.plan.groups]
     masked = insert_masks(compiled.dg, groups, weights=compiled.weights)
     masked.set_keep({g.name: g.keep for g in compiled.plan.groups})

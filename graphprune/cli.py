@@ -468,7 +468,7 @@ def _finetune(compiled, args, tokenizer, calib):
     data = args.finetune_data or calib or "wikitext2"
     tuned = finetune.finetune(compiled, data, args.finetune_steps, tokenizer=tokenizer, lr=args.finetune_lr,
                               seq_len=args.seq_len, seed=args.seed, progress=_progress(args))
-    info = tuned.finetune_info.to_dict() if getattr(tuned, "finetune_info", None) is not None else {}
+    info = tuned.finetune_info.to_dict() if tuned.finetune_info is not None else {}
     return tuned, {"data": data, **info}
 
 

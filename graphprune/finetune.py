@@ -373,7 +373,6 @@ def _with_weights(compiled, weights: dict[str, torch.Tensor], info: FinetuneInfo
     out = CompiledModel(
         module=module, plan=compiled.plan, report=report, traced=compiled.traced, dg=compiled.dg,
         example_kwargs=compiled.example_kwargs, dynamic_shapes=compiled.dynamic_shapes, config=compiled.config,
-        source=compiled.source, path=None,
+        source=compiled.source, path=None, finetune_info=info,
     )
-    out.finetune_info = info
     return out

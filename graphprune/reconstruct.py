@@ -401,14 +401,9 @@ def reconstruct(compiled, calib, *, tokenizer=None, n_samples: int | None = None
     reconstruct=True)`` does the same before its rewrite. Needs the dense model's analysis: call it on
     the result of ``compile``, not ``load``; ``compiled`` itself is not changed.
     """
-    from .api import CompiledModel  # api imports this module
+    from .api import check_cut_from_dense  # api imports this module
 
-    if not isinstance(compiled, CompiledModel):
-        raise GraphpruneError(f"reconstruct takes the CompiledModel that compile() returned, not a {type(compiled).__name__}")
-    if compiled.dg is None:
-        raise GraphpruneError("reconstruct needs the dense model's analysis: call it on the result of compile(), not load()")
-    if getattr(compiled, "finetune_info", None) is not None:
-        raise GraphpruneError("reconstruct refits a pruned model against the dense one it was cut from: call it before finetune()")
+    check_cut_from_dense(compiled, "reconstruct", "refits a pruned model against the dense one it was cut from")
     if compiled.report is not None and compiled.report.reconstruction.get("layers"):
         raise GraphpruneError("this model's layers are refit already (compile(..., reconstruct=...) or reconstruct())")
     data = reconstruction_data(compiled.source, calib, tokenizer, n_samples, seq_len, seed)

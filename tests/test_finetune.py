@@ -52,8 +52,14 @@ def test_finetune_lowers_loss_and_round_trips(stories, tmp_path):
     assert graphprune.verify(compiled).ok
     with pytest.raises(graphprune.GraphpruneError, match="fine-tuned one differs from it by design"):
         graphprune.verify(tuned)
+    with pytest.raises(graphprune.GraphpruneError, match=r"reconstruct refits .* before finetune\(\)"):
+        graphprune.reconstruct(tuned, ids)  # a refit would throw away what was learnt
     # saves and loads like any compiled model
     again = graphprune.load(tuned.save(tmp_path / "tuned", hf=False, plot=False))
+    assert again.finetune_info is None  # the loss curve is in the saved report, the analysis is not
+    for needs_analysis in (graphprune.verify, lambda m: graphprune.reconstruct(m, ids)):
+        with pytest.raises(graphprune.GraphpruneError, match=r"dense model's analysis: .* not load\(\)"):
+            needs_analysis(again)
     probe = torch.tensor([[1, 403, 407, 261], [1, 300, 301, 302]])
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=probe, use_cache=False).logits, tuned(input_ids=probe, use_cache=False).logits)
