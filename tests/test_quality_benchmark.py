@@ -333,3 +333,14 @@ def test_an_earlier_report_gives_back_the_cases_this_run_would_compute_again(tmp
     assert sorted(quality.reusable_cases(path, "m", caps, config)) == ["dense"]
     assert quality.reusable_cases(tmp_path / "none.json", "m", caps, config) == {}
     assert quality.calibration_of({"commit": quality.MARKERS_DROPPED_AT}) == quality.CALIBRATION_TEXT
+
+
+def test_the_report_shows_what_the_refit_changed_per_case():
+    taylor, pat = _seeded("taylor", 0.5, 0, 250.0, 0.4), _seeded("pat", 0.2, 0, 450.0, 0.4)
+    taylor["reconstruction"] = {"layers": 24, "mean_error_sliced": 0.31, "mean_error_refit": 0.12, "seconds": 40.0}
+    pat["reconstruction"] = {"layers": 150, "mean_error_sliced": 5e-17, "mean_error_refit": 6e-17, "seconds": 88.0}
+    text = "\n".join(quality.reconstruction_table([_seeded("dense", 0.0, 0, 50.0, 0.4), taylor, pat]))
+    assert "| taylor | 50% | 24 | 0.31 | 0.12 | 40 |" in text and "| pat | 20% | 150 | 5e-17 | 6e-17 | 88 |" in text
+    assert "For pat the sliced error is already nil" in text  # only the case whose removed inputs carried nothing
+    assert "dense |" not in text
+    assert quality.reconstruction_table([taylor | {"reconstruction": {}}]) == []  # a run without the refit: no table
