@@ -248,7 +248,8 @@ def reconstruct_weights(dg: DependencyGraph, plan, calib, *, weights=None, examp
     for chunk in _chunks(layers, memory_mib):
         grams = _statistics(dense, chunk, calib, example_kwargs, batch_size, progress)
         for layer in chunk:
-            new, before, after = _refit(_weight_rows(dg, layer, weights), layer, grams[layer.statistic], damp)
+            dtype = _current(dg, weights, layer.weight).dtype
+            new, before, after = _refit(_weight_rows(dg, layer, weights), layer, grams[layer.statistic], damp, dtype)
             result.errors[layer.weight] = (before, after)
             _store(result.weights, dg, layer, new)
     return result
@@ -299,8 +300,10 @@ def _statistics(model, chunk, calib, example_kwargs, batch_size, progress) -> di
     return grams
 
 
-def _refit(w: torch.Tensor, layer: Layer, gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, float]:
-    """(refit kept columns [out, kept(+1)], relative error with the sliced weight, relative error refit)."""
+def _refit(w: torch.Tensor, layer: Layer, gram: torch.Tensor, damp: float,
+           dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, float, float]:
+    """(refit kept columns [out, kept(+1)], relative error with the sliced weight, relative error refit), the
+    errors of the weights as stored in ``dtype`` (a half-precision model's refit loses some of its gain to rounding)."""
     gram = gram.to(w.device)  # a pass may keep its updated weights elsewhere (offloaded)
     cols = layer.keep.to(w.device)
     if layer.bias is not None:  # the bias is a kept column of a constant input
@@ -317,7 +320,7 @@ def _refit(w: torch.Tensor, layer: Layer, gram: torch.Tensor, damp: float) -> tu
         e = target - 2 * (w @ xxk * v).sum() + (v @ xkxk * v).sum()
         return float(e.clamp_min(0) / target.clamp_min(1e-30))
 
-    return new, error(w_k), error(new)
+    return new, error(w_k), error(new.to(dtype).double())
 
 
 def _store(weights, dg, layer: Layer, new: torch.Tensor) -> None:

@@ -65,6 +65,25 @@ def test_refit_equals_least_squares_by_hand(bias):
     assert after < before
 
 
+def test_the_reported_error_is_that_of_the_stored_weights_in_their_dtype():
+    model = TinyLM().to(torch.bfloat16)  # bf16 rounding moves the refit weights by about 0.4%
+    tokens = ids()
+    small = graphprune.compile(model, 0.5, method="magnitude", kinds=["channels"], progress=False,
+                               example_kwargs={"input_ids": tokens[:2]})
+    keep = torch.zeros(24, dtype=torch.bool)
+    keep[torch.as_tensor(small.plan.groups[0].keep)] = True
+    done = reconstruct_weights(small.dg, small.plan, tokens, damp=1e-9)
+    assert done.weights["down.weight"].dtype == torch.bfloat16
+    x, xk = dense_kept_hidden(model, tokens, keep)
+    ones = torch.ones(len(x), 1, dtype=x.dtype)
+    w = torch.cat([model.down.weight.double(), model.down.bias.double()[:, None]], 1)
+    v = torch.cat([done.weights["down.weight"][:, keep].double(), done.weights["down.bias"].double()[:, None]], 1)
+    target = torch.cat([x, ones], 1) @ w.T
+    direct = float((target - torch.cat([xk, ones], 1) @ v.T).square().sum() / target.square().sum())
+    _, after = done.errors["down.weight"]
+    assert after == pytest.approx(direct, rel=1e-6)
+
+
 def test_damp_pulls_towards_the_kept_weights():
     model = TinyLM()
     small = graphprune.compile(model, 0.5, method="magnitude", kinds=["channels"], progress=False,
