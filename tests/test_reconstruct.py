@@ -76,7 +76,7 @@ def test_the_reported_error_is_that_of_the_stored_weights_in_their_dtype():
     assert done.weights["down.weight"].dtype == torch.bfloat16
     x, xk = dense_kept_hidden(model, tokens, keep)
     ones = torch.ones(len(x), 1, dtype=x.dtype)
-    w = torch.cat([model.down.weight.double(), model.down.bias.double()[:, None]], 1)
+    w = torch.cat([model.down.weight.detach().double(), model.down.bias.detach().double()[:, None]], 1)
     v = torch.cat([done.weights["down.weight"][:, keep].double(), done.weights["down.bias"].double()[:, None]], 1)
     target = torch.cat([x, ones], 1) @ w.T
     direct = float((target - torch.cat([xk, ones], 1) @ v.T).square().sum() / target.square().sum())
