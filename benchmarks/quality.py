@@ -539,6 +539,11 @@ def reconstruction_table(results: list[dict]) -> list[str]:
         rc = r["reconstruction"]
         lines.append(f"| {r['method']} | {r['ratio']:.0%} | {rc['layers']} | {rc['mean_error_sliced']:.3g} | "
                      f"{rc['mean_error_refit']:.3g} | {fmt(rc.get('seconds'), 0)} |")
+    unrecorded = [r for r in results if r.get("rows") and r.get("method") != "dense" and "reconstruction" not in r]
+    if unrecorded:
+        lines += ["", "Not in this table: " + ", ".join(f"{r['method']} {r['ratio']:.0%}" for r in unrecorded)
+                  + f" (run at {', '.join(sorted({r.get('commit') or '?' for r in unrecorded}))}, before the benchmark kept "
+                    "the refit's summary; their rows are of refit models all the same, as their cache key says)."]
     # a pass that trains its masks into the weights (PAT) leaves the removed inputs nothing to carry
     exact = sorted({r["method"] for r in done if r["reconstruction"]["mean_error_sliced"] < 1e-9})
     if exact:

@@ -342,5 +342,8 @@ def test_the_report_shows_what_the_refit_changed_per_case():
     text = "\n".join(quality.reconstruction_table([_seeded("dense", 0.0, 0, 50.0, 0.4), taylor, pat]))
     assert "| taylor | 50% | 24 | 0.31 | 0.12 | 40 |" in text and "| pat | 20% | 150 | 5e-17 | 6e-17 | 88 |" in text
     assert "For pat the sliced error is already nil" in text  # only the case whose removed inputs carried nothing
-    assert "dense |" not in text
+    assert "dense |" not in text and "Not in this table" not in text
+    older = {**_seeded("loraprune", 0.2, 0, 58.0, 0.4), "commit": "c8b9514"}  # ran before the summary was kept
+    text = "\n".join(quality.reconstruction_table([taylor, older]))
+    assert "Not in this table: loraprune 20% (run at c8b9514, before the benchmark kept the refit's summary" in text
     assert quality.reconstruction_table([taylor | {"reconstruction": {}}]) == []  # a run without the refit: no table
