@@ -46,7 +46,9 @@ def test_quick_run_writes_rows_for_every_case(tmp_path, stories_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = {r["case"]: r for r in json.loads((out / "quality.json").read_text())["results"]}
     assert set(results) == {"dense", "taylor:0.5", "pat:0.5", "taylor:0.5:seed1", "pat:0.5:seed1"}
-    assert results["taylor:0.5"]["config"] == {"kinds": ["channels"], "protect_layers": [1, 1]}
+    assert results["taylor:0.5"]["config"] == {"kinds": ["channels"], "protect_layers": [1, 1],
+                                               "reconstruct": {"calib": "wikitext2", "n_samples": 8}}
+    assert results["taylor:0.5"]["reconstruction"]["layers"] > 0  # the recipe's refit ran
     for case in results.values():
         assert [row["recovery"] for row in case["rows"]] == ["none", "lora"], case.get("error")
     taylor = results["taylor:0.5"]["rows"]
@@ -55,7 +57,7 @@ def test_quick_run_writes_rows_for_every_case(tmp_path, stories_dir):
     other = results["taylor:0.5:seed1"]["rows"]
     assert other[0]["ppl"]["wikitext2@128"]["ppl"] != taylor[0]["ppl"]["wikitext2@128"]["ppl"]
     report = (out / "results.md").read_text()
-    assert "Recipe" in report and "## Seeds" in report and "| seeds |" in report
+    assert "Recipe" in report and "## Seeds" in report and "| seeds |" in report and "The refit per case" in report
     assert len(list((tmp_path / "cache").glob("*.json"))) == 5  # each finished case is kept for a resumed run
 
 
