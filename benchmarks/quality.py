@@ -196,7 +196,7 @@ def recovery_windows(caps: Caps, tok, steps: int, batch: int, seed: int = 0):
     return calibration(texts, tok, n_samples=steps * batch, seq_len=caps.finetune_seq_len, seed=seed)
 
 
-def reconstruct_note(caps: dict) -> list[str]:
+def reconstruct_note(caps: dict, validation: str = "validation.md") -> list[str]:
     if not caps.get("reconstruct"):
         return ["**No reconstruction** (`--no-reconstruct`): each pruned model keeps the dense weights of its kept units, "
                 "sliced, until its recovery.", ""]
@@ -205,16 +205,17 @@ def reconstruct_note(caps: dict) -> list[str]:
             "that reads the hidden size under PAT's) are refit by least squares on "
             "calibration windows so that their outputs stay close to the dense model's; the recovery starts from the "
             "refit model. The damping and the sample count were chosen on WikiText-2 *validation* text "
-            "([validation.md](validation.md)).", ""]
+            f"([validation.md]({validation})).", ""]
 
 
-def recipe_note(caps: dict) -> list[str]:
-    """What every method removes and protects (the options each case ran with are in the JSON)."""
+def recipe_note(caps: dict, validation: str = "validation.md") -> list[str]:
+    """What every method removes and protects (the options each case ran with are in the JSON); ``validation``:
+    the link to docs/validation.md from the report's folder."""
     kinds = caps.get("kinds")
     if not kinds:
         return []
     protect = caps.get("protect_layers")
-    return [*reconstruct_note(caps), 
+    return [*reconstruct_note(caps, validation),
         f"**Recipe**: every method without kinds of its own removes `{kinds}`"
         + (f"; those with uniform allocation (magnitude, Taylor, LoRAPrune) leave the first and last blocks "
            f"whole (`protect_layers={protect}`, " + ("LLM-Pruner's 4 and 2 of LLaMA-7B's 32)" if protect.replace(" ", "") == "4,2"
@@ -227,7 +228,7 @@ def recipe_note(caps: dict) -> list[str]:
           "SmolLM2's attention per layer; Taylor at 20% with heads and channels gives WikiText-2 *validation* PPL "
           "97.8, with channels only 65.4 (dense 42.2; that text still had `<unk>` markers). The recipe and the "
           "options of `--method-config` were chosen on that validation text, never on the splits reported here: "
-          "[validation.md](validation.md).",
+          f"[validation.md]({validation}).",
         "",
     ]
 
@@ -671,7 +672,7 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
         + (f"; passes that train ran {caps['method_steps']} steps" + (" (PAT: the recovery's, see below)" if caps["finetune_steps"] else "")
            if caps["method_steps"] is not None else "") + ".",
         "",
-        *recipe_note(caps),
+        *recipe_note(caps, Path(os.path.relpath(REPO / "docs" / "validation.md", out_md.resolve().parent)).as_posix()),
         "Zero-shot columns: acc for BoolQ, PIQA, WinoGrande, ARC-e; acc_norm for HellaSwag, ARC-c, OpenBookQA "
         "(LLM-Pruner's convention), in %. *score s*: time of the scoring pass; *FT s*: recovery fine-tuning time; "
         "*peak GiB*: peak memory of the process up to the end of pruning (GPU memory on CUDA, else RSS, model load included).",

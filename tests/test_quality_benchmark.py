@@ -303,6 +303,7 @@ def test_reconstruction_is_the_default_recipe_reads_wikitext2_and_leaves_the_den
     assert quality.cache_path("taylor:0.2", "m", before, {}) == quality.cache_path("taylor:0.2", "m", plain, {})
     assert "No reconstruction" in "\n".join(quality.recipe_note(plain))
     assert "**Reconstruction**" in "\n".join(quality.recipe_note(default))
+    assert "[validation.md](../validation.md)" in "\n".join(quality.recipe_note(default, "../validation.md"))
 
 
 @pytest.mark.parametrize("value", ["x", "[1]", '{"damp": -1}', '{"nope": 1}'])
