@@ -208,15 +208,13 @@ def _current(dg, weights, name: str) -> torch.Tensor:
     return weights[name] if name in weights else fetch_attr(dg.gm, name)
 
 
-def _weight_rows(dg, layer: Layer, weights) -> torch.Tensor:
-    """The layer's weight as [out, in] in float64 (its bias as one more input column), with the pass's updates."""
-    w = _current(dg, weights, layer.weight)
-    w = w.detach().double()
+def _weight_rows(layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The layer's weight as [out, in] in float64 (its bias as one more input column)."""
+    w = weight.detach().double()
     if layer.weight_dim == 0:
         w = w.T
-    if layer.bias is not None:
-        b = _current(dg, weights, layer.bias)
-        w = torch.cat([w, b.detach().double().unsqueeze(1)], dim=1)
+    if bias is not None:
+        w = torch.cat([w, bias.detach().double().unsqueeze(1)], dim=1)
     return w
 
 
@@ -248,10 +246,12 @@ def reconstruct_weights(dg: DependencyGraph, plan, calib, *, weights=None, examp
     for chunk in _chunks(layers, memory_mib):
         grams = _statistics(dense, chunk, calib, example_kwargs, batch_size, progress)
         for layer in chunk:
-            dtype = _current(dg, weights, layer.weight).dtype
-            new, before, after = _refit(_weight_rows(dg, layer, weights), layer, grams[layer.statistic], damp, dtype)
+            # read once: a pass's deferred update (LoRAPrune's W0 + s·B·A) is computed on every read
+            weight = _current(dg, weights, layer.weight)
+            bias = _current(dg, weights, layer.bias) if layer.bias is not None else None
+            new, before, after = _refit(_weight_rows(layer, weight, bias), layer, grams[layer.statistic], damp, weight.dtype)
             result.errors[layer.weight] = (before, after)
-            _store(result.weights, dg, layer, new)
+            _store(result.weights, layer, new, weight, bias)
     return result
 
 
@@ -323,13 +323,11 @@ def _refit(w: torch.Tensor, layer: Layer, gram: torch.Tensor, damp: float,
     return new, error(w_k), error(new.to(dtype).double())
 
 
-def _store(weights, dg, layer: Layer, new: torch.Tensor) -> None:
-    """Write the refit columns into dense-shaped copies of the weight (and bias)."""
-    if layer.bias is not None:
-        bias_old = _current(dg, weights, layer.bias)
+def _store(weights, layer: Layer, new: torch.Tensor, old: torch.Tensor, bias_old: torch.Tensor | None) -> None:
+    """Write the refit columns into dense-shaped copies of the weight (and bias) the refit started from."""
+    if bias_old is not None:
         weights.set(layer.bias, new[:, -1].to(bias_old.device, bias_old.dtype).detach().clone())
         new = new[:, :-1]
-    old = _current(dg, weights, layer.weight)
     rows = old.detach().clone()
     if layer.weight_dim == 0:
         rows = rows.T

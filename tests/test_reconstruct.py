@@ -41,15 +41,21 @@ def dense_kept_hidden(model, tokens, keep):
     return x, x[:, keep]
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_refit_equals_least_squares_by_hand(bias):
-    model = TinyLM(bias=bias)
-    tokens = ids()
+def refit_half(model, tokens):
+    """Half of ``model``'s MLP channels cut by magnitude, then refit (almost no damping) on ``tokens``:
+    (the refit, the kept-channel mask)."""
     small = graphprune.compile(model, 0.5, method="magnitude", kinds=["channels"], progress=False,
                                example_kwargs={"input_ids": tokens[:2]})
     keep = torch.zeros(24, dtype=torch.bool)
     keep[torch.as_tensor(small.plan.groups[0].keep)] = True
-    done = reconstruct_weights(small.dg, small.plan, tokens, damp=1e-9)
+    return reconstruct_weights(small.dg, small.plan, tokens, damp=1e-9), keep
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_refit_equals_least_squares_by_hand(bias):
+    model = TinyLM(bias=bias)
+    tokens = ids()
+    done, keep = refit_half(model, tokens)
     # by hand: the kept inputs (and a constant for the bias) that best give the dense layer's output
     x, xk = dense_kept_hidden(model, tokens, keep)
     w = model.down.weight.double()
@@ -68,11 +74,7 @@ def test_refit_equals_least_squares_by_hand(bias):
 def test_the_reported_error_is_that_of_the_stored_weights_in_their_dtype():
     model = TinyLM().to(torch.bfloat16)  # bf16 rounding moves the refit weights by about 0.4%
     tokens = ids()
-    small = graphprune.compile(model, 0.5, method="magnitude", kinds=["channels"], progress=False,
-                               example_kwargs={"input_ids": tokens[:2]})
-    keep = torch.zeros(24, dtype=torch.bool)
-    keep[torch.as_tensor(small.plan.groups[0].keep)] = True
-    done = reconstruct_weights(small.dg, small.plan, tokens, damp=1e-9)
+    done, keep = refit_half(model, tokens)
     assert done.weights["down.weight"].dtype == torch.bfloat16
     x, xk = dense_kept_hidden(model, tokens, keep)
     ones = torch.ones(len(x), 1, dtype=x.dtype)
