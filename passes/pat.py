@@ -59,7 +59,8 @@ from graphprune.hsm import check_supported, hidden_group, identity_loss, insert_
 from graphprune.lora import add_lora
 from graphprune.lora import merged_weights as lora_merged_weights
 from graphprune.registry import ScoringPass, get_pass, register_pass
-from graphprune.train import TrainConfig, causal_lm_loss, train
+from graphprune.finetune import distill_loss
+from graphprune.train import TrainConfig, causal_lm_loss, logits_of, train
 
 
 def mask_schedule(step: int, total: int) -> tuple[float, float]:
@@ -123,6 +124,7 @@ class PAT(ScoringPass):
         lora_r: int = 0  # LoRA rank trained alongside (0 = none; the reference uses 20)
         lora_alpha: float = 40.0
         lora_targets: tuple | None = None  # weight-name patterns (default: all block weights)
+        distill: bool = False  # task loss: KL to the unpruned model's next-token distribution instead of cross entropy
         precision: str = "auto"  # TrainConfig.precision
         merge_tolerance: float = 1e-3  # max relative gap, pruned vs trained, on one calibration batch
 
@@ -183,6 +185,17 @@ class PAT(ScoringPass):
         hsm.module = lora.module
         return hsm, lora
 
+    @staticmethod
+    def task_loss(module, teacher, inputs: dict, ids: torch.Tensor) -> torch.Tensor:
+        """Cross entropy on the window's next tokens, or (``teacher`` given) the KL divergence from the
+        teacher's next-token distribution at every position of the window."""
+        output = module(**inputs)
+        if teacher is None:
+            return causal_lm_loss(output, ids)
+        with torch.no_grad():
+            target = logits_of(teacher(**inputs))
+        return distill_loss(logits_of(output), target, torch.ones_like(ids, dtype=torch.bool))
+
     def _check_merge(self, ctx, hsm, keep, base, inputs) -> float:
         """Refuse when the pruned model would not equal the HSM graph under ``keep``."""
         merged = {**base, **merged_weights(hsm, keep.float(), base)}
@@ -214,6 +227,7 @@ class PAT(ScoringPass):
         u = torch.nn.Parameter((self.initial_logits(ctx, group, keep_count) / scale).to(device))
         params = [u, *hsm.hsm_parameters(), *(lora.lora_parameters() if lora is not None else [])]
         state = {"step": 0}
+        teacher = ctx.dg.gm if c.distill else None  # the analysed graph: the model's own weights, untouched here
         freeze_step = int(c.freeze_at * c.steps)
 
         def loss_fn(module, ids):
@@ -223,7 +237,7 @@ class PAT(ScoringPass):
             z = scale * u
             logits = z if t < freeze_step else z.detach()
             hsm.set_mask(torch.sigmoid(temperature * logits) + bias)
-            lm = causal_lm_loss(module(**ctx.inputs(ids)), ids)
+            lm = self.task_loss(module, teacher, ctx.inputs(ids), ids)
             sparse = sparsity_loss(logits, temperature, keep_count)
             polar = polarization_loss(logits)
             ident = identity_loss(hsm.l0s()).to(lm.device)
@@ -251,7 +265,7 @@ class PAT(ScoringPass):
         ctx.info["pat"] = {
             "steps": result.steps, "seconds": result.seconds, "batch_size": c.batch_size, "lr": c.lr, "mask_lr": c.mask_lr or c.lr,
             "rank": hsm.rank, "hsms": len(hsm.operator_sites), "mask_only_sites": len(hsm.sites) - len(hsm.operator_sites),
-            "lora_r": c.lora_r, "init": c.init,
+            "lora_r": c.lora_r, "init": c.init, "distill": c.distill,
             "init_calib": c.init_calib if c.init_calib is None or isinstance(c.init_calib, str) else type(c.init_calib).__name__,
             "keep": keep_count, "hidden": group.size, "exact_count": exact,
             "first_loss": result.losses[0], "last_loss": result.losses[-1], "last_terms": last,

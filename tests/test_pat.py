@@ -193,6 +193,26 @@ def test_init_pass_scores_on_its_own_text():
         PAT(init_calib="wikitext2")
 
 
+def test_distill_learns_from_the_unpruned_model():
+    """``distill``: the task loss is the KL to the unpruned graph, nil while the HSMs are still the
+    identity (step 0: mask 1, L1 = 0, σ = 1); cross entropy is not."""
+    from graphprune.train import causal_lm_loss
+
+    model, traced, dg = analysed("llama_gqa")
+    inputs = fresh_inputs("llama_gqa", traced, 2, 12)
+    ids = inputs["input_ids"]
+    hsm = insert_hsms(dg)
+    with torch.no_grad():
+        assert float(PAT.task_loss(hsm.module, dg.gm, inputs, ids)) < 1e-6
+        assert float(PAT.task_loss(hsm.module, None, inputs, ids)) == pytest.approx(float(causal_lm_loss(dg.gm(**inputs), ids)))
+        hsm.set_mask((torch.arange(hsm.hidden) % 2).float())  # half the stream gone: the student differs
+        assert float(PAT.task_loss(hsm.module, dg.gm, inputs, ids)) > 1e-3
+    pat = PAT(steps=5, distill=True)
+    compiled = graphprune.compile(model, RATIO, method=pat, calib=calib_ids(), progress=False)
+    info = compiled.report.scoring["pat"]
+    assert info["distill"] is True and info["merge_error"] <= 1e-3
+
+
 def test_bad_config_is_refused():
     with pytest.raises(GraphpruneError, match="mask_lr"):
         PAT(mask_lr=0.0)
