@@ -785,7 +785,11 @@ def seeds_check(out_md: Path, meta: dict, folder: Path | None = None) -> dict | 
     # the caps that differ from this table's (a reconstruction run differs in that one cap)
     theirs, ours = data["meta"].get("caps", {}), meta.get("caps", {})
     differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k, KEY_DEFAULTS.get(k)) != ours.get(k, KEY_DEFAULTS.get(k)))
-    same_model_options = all(data["meta"].get(k) == meta.get(k) for k in ("model", "method_config"))
+    # the options that matter are those of the methods that run ran (another method's options may have changed since)
+    ran = {r["method"] for r in data["results"] if r.get("rows")} - {"dense"}
+    options = [c.get("method_config", {}) for c in (data["meta"], meta)]
+    same_model_options = (data["meta"].get("model") == meta.get("model")
+                          and all(options[0].get(m, {}) == options[1].get(m, {}) for m in ran))
     same = same_model_options and not differ  # caps compared with their defaults filled in (caps added later)
     return {"command": data["meta"]["command"], "date": data["meta"]["date"], "seeds": data["meta"].get("seeds", [0]),
             "targets": checks, "same_caps": same, "differ": differ, "folder": folder.name, "same_model_options": same_model_options,

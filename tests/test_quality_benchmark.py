@@ -255,6 +255,9 @@ def test_main_report_quotes_the_several_seed_run(tmp_path, monkeypatch):
     assert "whose cases are its seed 0" in text
     other = quality.seeds_check(report, {**main, "caps": {"max_tokens": 1024}})
     assert "**not the model, caps or options of this table**" in "\n".join(quality.seeds_text(other))
+    # only the options of the methods that run ran count: a method it did not run may have changed since
+    assert quality.seeds_check(report, {**main, "method_config": {"hywia": {"temperature": 9}}})["same_caps"]
+    assert not quality.seeds_check(report, {**main, "method_config": {"bernoulli": {"lr": 9}}})["same_caps"]
     assert quality.seeds_check(tmp_path / "results.md", main) is None  # only the main report quotes it
 
 
