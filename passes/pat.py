@@ -42,6 +42,11 @@ choice of 20% of the hidden channels scored on 32 × 128 tokens of WikiText-2 gi
 validation perplexity 300 untrained; scored on 160 × 256 tokens of Alpaca (prompt + response) it
 gives 2,231 (``docs/validation.md``; both on the validation text that still had ``<unk>`` markers).
 
+``distill`` (default ``False``: cross entropy on the training text, the paper's) makes the task
+loss the KL divergence from the unpruned model's next-token distribution at every position of the
+training windows (the analysed graph is the teacher: one more forward pass per batch, no gradient).
+Not in the paper; it is how ``graphprune.finetune`` recovers pruned models (``distill_from=``).
+
 Budget: the paper tunes 7B models on instruction data for whole epochs (r = 200 at d = 4096);
 the defaults here (``steps=100`` of ``batch_size=2`` calibration windows, ``lr=1e-3``, rank scaled
 as ``round(d·200/4096)``) are sized for tiny models. What ran is put in ``Report.scoring["pat"]``.
