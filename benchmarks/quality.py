@@ -788,11 +788,13 @@ def seeds_check(out_md: Path, meta: dict, folder: Path | None = None) -> dict | 
     # the options that matter are those of the methods that run ran (another method's options may have changed since)
     ran = {r["method"] for r in data["results"] if r.get("rows")} - {"dense"}
     options = [c.get("method_config", {}) for c in (data["meta"], meta)]
-    same_model_options = (data["meta"].get("model") == meta.get("model")
-                          and all(options[0].get(m, {}) == options[1].get(m, {}) for m in ran))
+    other_options = sorted(m for m in ran if options[0].get(m, {}) != options[1].get(m, {}))
+    same_model = data["meta"].get("model") == meta.get("model")
+    same_model_options = same_model and not other_options
     same = same_model_options and not differ  # caps compared with their defaults filled in (caps added later)
     return {"command": data["meta"]["command"], "date": data["meta"]["date"], "seeds": data["meta"].get("seeds", [0]),
             "targets": checks, "same_caps": same, "differ": differ, "folder": folder.name, "same_model_options": same_model_options,
+            "same_model": same_model, "other_options": other_options,
             "methods": sorted({f"{r['method']} {r['ratio']:.0%}" for r in data["results"] if r.get("rows") and r.get("method") != "dense"})}
 
 
@@ -805,13 +807,22 @@ def only_without_refit(run: dict) -> bool:
     return run["differ"] == ["reconstruct"] and run["same_model_options"]
 
 
+def options_caveat(run: dict) -> str:
+    """What a quoted run ran differently from this table besides its caps (nothing: empty)."""
+    if not run.get("same_model", run["same_model_options"]):
+        return "; **another model**: see its report"
+    if run.get("other_options"):
+        return f"; **other options for {', '.join(run['other_options'])}** than this table's: see its report"
+    return ""
+
+
 def no_reconstruct_text(run: dict) -> list[str]:
     link = f"{run['folder']}/results.md"
     met = sum(c["result"] == "pass" for c in run["targets"])
     return [f"**The targets without reconstruction** ([`{link}`]({link}), `{run['command']}`, {run['date']}; cases run: "
             f"{', '.join(run['methods'])}; " + ("this table's model, caps and options, the pruned weights only sliced"
                                                  if only_without_refit(run) else f"caps that differ from this table's: {', '.join(run['differ'])}")
-            + ("" if run["same_model_options"] else "; **another model or other method options**: see its report")
+            + options_caveat(run)
             + f"): {met} of the {len(run['targets'])} targets that run could check met.", "", targets_table(run["targets"]), ""]
 
 

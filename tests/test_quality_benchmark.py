@@ -282,7 +282,12 @@ def test_main_report_quotes_the_run_without_reconstruction(tmp_path):
     assert "caps that differ from this table's: max_tokens, reconstruct" in "\n".join(quality.no_reconstruct_text(other))
     other_model = quality.seeds_check(quality.REPO / "docs" / "results.md", {**main, "model": "other"}, tmp_path)
     text = "\n".join(quality.no_reconstruct_text(other_model))
-    assert "this table's model" not in text and "another model or other method options" in text
+    assert "this table's model" not in text and "**another model**" in text
+    # a method it ran has other options here (e.g. re-tuned since): named
+    other_options = quality.seeds_check(quality.REPO / "docs" / "results.md",
+                                        {**main, "method_config": {"taylor": {"lr": 1}, "pat": {"lr": 2}}}, tmp_path)
+    text = "\n".join(quality.no_reconstruct_text(other_options))
+    assert "**other options for taylor** than this table's" in text and "caps that differ from this table's: reconstruct" in text
     # a several-seed run without the refit says so, rather than just "not this table's caps"
     assert "but no refit after planning" in "\n".join(quality.seeds_text({**run, "seeds": [0, 1, 2], "same_caps": False}))
     assert "**not the model, caps or options" in "\n".join(quality.seeds_text({**other, "seeds": [0, 1], "same_caps": False}))
