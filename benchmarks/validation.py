@@ -8,7 +8,7 @@ recovery options of ``benchmarks/quality.py`` were chosen from these numbers;
 (32 × 128 tokens of WikiText-2 train); PAT trains on its recovery data, as there.
 
     python benchmarks/validation.py 'taylor:0.5:{"kinds": ["channels"], "protect_layers": [4, 2]}'
-    python benchmarks/validation.py 'pat:0.2:{"steps": 40, "batch_size": 4, "lr": 1e-4, "mask_lr": 1e-2}'
+    python benchmarks/validation.py 'pat:0.2:{"steps": 80, "batch_size": 4, "lr": 2e-3, "mask_lr": 1e-2, "distill": true}'
     python benchmarks/validation.py 'taylor:0.2:{"kinds": ["channels"]}' --recovery '{"steps": 80}' \
         --recovery '{"steps": 80, "distill_positions": "all"}'
 
