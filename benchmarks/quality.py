@@ -786,16 +786,15 @@ def seeds_check(out_md: Path, meta: dict, folder: Path | None = None) -> dict | 
     theirs, ours = data["meta"].get("caps", {}), meta.get("caps", {})
     differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k, KEY_DEFAULTS.get(k)) != ours.get(k, KEY_DEFAULTS.get(k)))
     # the options that matter are those of the methods that run ran (another method's options may have changed since)
-    ran = {r["method"] for r in data["results"] if r.get("rows")} - {"dense"}
+    pruned = [r for r in data["results"] if r.get("rows") and r.get("method") != "dense"]
     options = [c.get("method_config", {}) for c in (data["meta"], meta)]
-    other_options = sorted(m for m in ran if options[0].get(m, {}) != options[1].get(m, {}))
+    other_options = sorted({m for m in (r["method"] for r in pruned) if options[0].get(m, {}) != options[1].get(m, {})})
     same_model = data["meta"].get("model") == meta.get("model")
-    same_model_options = same_model and not other_options
-    same = same_model_options and not differ  # caps compared with their defaults filled in (caps added later)
+    same = same_model and not other_options and not differ  # caps compared with their defaults filled in (caps added later)
     return {"command": data["meta"]["command"], "date": data["meta"]["date"], "seeds": data["meta"].get("seeds", [0]),
-            "targets": checks, "same_caps": same, "differ": differ, "folder": folder.name, "same_model_options": same_model_options,
+            "targets": checks, "same_caps": same, "differ": differ, "folder": folder.name,
             "same_model": same_model, "other_options": other_options,
-            "methods": sorted({f"{r['method']} {r['ratio']:.0%}" for r in data["results"] if r.get("rows") and r.get("method") != "dense"})}
+            "methods": sorted({f"{r['method']} {r['ratio']:.0%}" for r in pruned})}
 
 
 # a run of the same caps and options without the refit after planning (--no-reconstruct): what it adds
@@ -804,12 +803,12 @@ NO_RECONSTRUCT_RUN = REPO / "docs" / "no_reconstruct"
 
 def only_without_refit(run: dict) -> bool:
     """Whether a quoted run differs from this table only in having no refit after planning."""
-    return run["differ"] == ["reconstruct"] and run["same_model_options"]
+    return run["differ"] == ["reconstruct"] and run["same_model"] and not run["other_options"]
 
 
 def options_caveat(run: dict) -> str:
     """What a quoted run ran differently from this table besides its caps (nothing: empty)."""
-    if not run.get("same_model", run["same_model_options"]):
+    if not run["same_model"]:
         return "; **another model**: see its report"
     if run.get("other_options"):
         return f"; **other options for {', '.join(run['other_options'])}** than this table's: see its report"

@@ -60,11 +60,11 @@ from dataclasses import dataclass
 import torch
 
 from graphprune.errors import GraphpruneError
+from graphprune.finetune import distill_loss
 from graphprune.hsm import check_supported, hidden_group, identity_loss, insert_hsms, merge_error, merged_weights
 from graphprune.lora import add_lora
 from graphprune.lora import merged_weights as lora_merged_weights
 from graphprune.registry import ScoringPass, get_pass, register_pass
-from graphprune.finetune import distill_loss
 from graphprune.train import TrainConfig, causal_lm_loss, logits_of, train
 
 
