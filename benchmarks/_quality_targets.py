@@ -136,7 +136,7 @@ def _best_of(c: dict) -> str:
     return c["method"] + (", the only method run at 20%" if c.get("of") == [c["method"]] else "")
 
 
-def _noise_text(c: dict) -> str:
+def noise_text(c: dict) -> str:
     if "within_noise" not in c:
         return ""
     basis = [f"±{c['noise']:.1f}"] if "noise" in c else []
@@ -150,7 +150,7 @@ def targets_table(checks: list[dict]) -> str:
     for c in checks:
         who = f" ({_best_of(c)})" if c.get("method") else ""
         lines.append(f"| {c['target']} | {c['metric']} | {fmt(c['ours'])}{who} | {fmt(c['reference'])} ({c['against']}) | "
-                     f"{'**' + c['result'] + '**' if c['result'] != 'n/a' else 'n/a (row missing)'}{_noise_text(c)} |")
+                     f"{'**' + c['result'] + '**' if c['result'] != 'n/a' else 'n/a (row missing)'}{noise_text(c)} |")
     return "\n".join(lines)
 
 

@@ -274,23 +274,60 @@ def test_main_report_quotes_the_run_without_reconstruction(tmp_path):
     assert run["differ"] == ["reconstruct"] and run["methods"] == ["loraprune 20%", "taylor 20%"]
     twenty = next(c for c in run["targets"] if c["target"] == quality.TWENTY)
     assert twenty["result"] == "miss" and twenty["method"] == "taylor"  # 63 > 1.15 x 50
-    text = "\n".join(quality.no_reconstruct_text(run))
+    text = "\n".join(quality.quoted_targets_text(run, "The targets without reconstruction"))
     assert "this table's model, caps and options, the pruned weights only sliced" in text
     assert "0 of the 1 targets that run could check met" in text
     other = quality.seeds_check(quality.REPO / "docs" / "results.md",
                                 {**main, "caps": {**main["caps"], "max_tokens": 1024}}, tmp_path)
-    assert "caps that differ from this table's: max_tokens, reconstruct" in "\n".join(quality.no_reconstruct_text(other))
+    assert ("caps that differ from this table's: max_tokens 4,096 (this table: 1,024), reconstruct none (this table: "
+            f"`{quality.RECONSTRUCT_RECIPE}`)") in "\n".join(quality.quoted_targets_text(other, "The targets without reconstruction"))
     other_model = quality.seeds_check(quality.REPO / "docs" / "results.md", {**main, "model": "other"}, tmp_path)
-    text = "\n".join(quality.no_reconstruct_text(other_model))
+    text = "\n".join(quality.quoted_targets_text(other_model, "The targets without reconstruction"))
     assert "this table's model" not in text and "**another model**" in text
     # a method it ran has other options here (e.g. re-tuned since): named
     other_options = quality.seeds_check(quality.REPO / "docs" / "results.md",
                                         {**main, "method_config": {"taylor": {"lr": 1}, "pat": {"lr": 2}}}, tmp_path)
-    text = "\n".join(quality.no_reconstruct_text(other_options))
-    assert "**other options for taylor** than this table's" in text and "caps that differ from this table's: reconstruct" in text
+    text = "\n".join(quality.quoted_targets_text(other_options, "The targets without reconstruction"))
+    assert "**other options for taylor** than this table's" in text
+    assert f"caps that differ from this table's: reconstruct none (this table: `{quality.RECONSTRUCT_RECIPE}`)" in text
     # a several-seed run without the refit says so, rather than just "not this table's caps"
     assert "but no refit after planning" in "\n".join(quality.seeds_text({**run, "seeds": [0, 1, 2], "same_caps": False}))
     assert "**not the model, caps or options" in "\n".join(quality.seeds_text({**other, "seeds": [0, 1], "same_caps": False}))
+
+
+def test_main_report_quotes_pat_on_more_questions_with_its_noise_and_the_readme_names_it(tmp_path, monkeypatch):
+    def asked(res, n):  # the same accuracy on n questions per task
+        for row in res["rows"]:
+            row["zeroshot"] = {t: {**v, "n": n} for t, v in row["zeroshot"].items()}
+        return res
+
+    dense, pat = _seeded("dense", 0.0, 0, 50.0, 0.44), _seeded("pat", 0.2, 0, 240.0, 0.40)
+    dense["rows"].append({**dense["rows"][0], "recovery": "lora"})
+    main = {"model": "m", "caps": {"max_examples": 50}, "method_config": {"pat": {"lr": 2e-3}}}
+    few = quality.targets([asked(dense, 50), asked(pat, 50)])
+    pat_20 = next(c for c in few if c["target"].startswith("PAT at 20%"))
+    assert pat_20["result"] == "miss" and pat_20["within_noise"]  # 4 points on 50 questions per task: ±7.5
+    many = [asked(dense, 300), asked(pat, 300)]
+    theirs = {**main, "caps": {"max_examples": 300}, "command": "python benchmarks/quality.py --methods pat:0.2 "
+              "--max-examples 300 ...", "date": "d", "targets": quality.targets(many)}
+    folder = tmp_path / "pat_zeroshot"
+    folder.mkdir()
+    (folder / "quality.json").write_text(json.dumps({"meta": theirs, "results": many}))
+    monkeypatch.setattr(quality, "QUOTED_TARGET_RUNS", (("more_questions_targets", folder, "The targets on more questions"),))
+    run = quality.seeds_check(quality.REPO / "docs" / "results.md", main, folder)
+    [check] = run["targets"]  # PAT at 50% is n/a; "the best at 20%" of one method is not that target
+    assert check["target"].startswith("PAT at 20%") and check["result"] == "miss" and not check["within_noise"]  # ±3.1
+    text = "\n".join(quality.quoted_targets_text(run, "The targets on more questions"))
+    assert "caps that differ from this table's: max_examples 300 (this table: 50)" in text
+    assert "cases run: pat 20%" in text and "0 of the 1 targets that run could check met" in text
+    assert "**miss** (beyond noise: ±" in text
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "README.md").write_text(f"{quality.README_START}\n{quality.README_END}\n")
+    monkeypatch.setattr(quality, "REPO", tmp_path / "repo")
+    quality.update_readme({"model_name": "m", "command": "c", "date": "d"}, [], [], quoted={"more_questions_targets": run})
+    readme = (tmp_path / "repo" / "README.md").read_text()
+    assert ("With max_examples 300 (this table: 50) (`docs/pat_zeroshot/`): PAT at 20% beats the dense model's LoRA "
+            "fine-tuning (same budget): 40.00 vs 44.00 (dense + LoRA), **miss** (beyond noise: ±") in readme
 
 
 def test_reconstruction_is_the_default_recipe_reads_wikitext2_and_leaves_the_dense_key_alone():
