@@ -76,6 +76,17 @@ def test_accuracy_targets_say_whether_the_gap_is_beyond_noise(n, within):
     assert ("within noise" if within else "beyond noise") in quality.targets_table([check])
 
 
+def test_pat_at_50_is_also_checked_against_taylor_after_taylors_recovery():
+    taylor, pat = _seeded("taylor", 0.5, 0, 250.0, 0.30), _seeded("pat", 0.5, 0, 1300.0, 0.35)
+    taylor["rows"].append({**taylor["rows"][0], "recovery": "lora", "zeroshot_average": 0.44})
+    pat["rows"].append({**pat["rows"][0], "recovery": "lora", "zeroshot_average": 0.50})
+    check = next(c for c in quality.targets([taylor, pat]) if c["target"].startswith("PAT beats Taylor at 50%"))
+    # PAT's trained row (it had the recovery's budget) against Taylor's recovered one, not either other row
+    assert check["ours"] == pytest.approx(35.0) and check["reference"] == pytest.approx(44.0)
+    assert check["result"] == "miss" and check["against"] == "taylor + LoRA"
+    assert next(c for c in quality.targets([pat]) if c["target"].startswith("PAT beats Taylor"))["result"] == "n/a"
+
+
 def test_validation_cases_have_one_spelling_and_a_table_row():
     import validation
 
