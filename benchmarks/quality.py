@@ -498,8 +498,51 @@ def _seeds_label(res: dict) -> str:
     return f"{n}" + (f" of {res['seed_cases']}" if res.get("seed_cases", n) != n else "")
 
 
-def table(results: list[dict], long_len: int) -> str:
-    """One line per (method, ratio, recovery); with several seeds, the means (a *seeds* column says over how many)."""
+def majority_answers(max_examples: int | None) -> dict[str, dict]:
+    """Per task, the answer most often right among the questions asked: its share (what a model that always gives
+    it scores), the question count, and its text where every question offers the same choices (BoolQ's yes / no)."""
+    from collections import Counter
+
+    from graphprune.evaluate.zeroshot import load_task
+
+    out = {}
+    for task in TASK_LABELS:
+        questions = load_task(task, max_examples)
+        gold, count = Counter(q.gold for q in questions).most_common(1)[0]
+        fixed = len({tuple(q.continuations) for q in questions}) == 1
+        out[task] = {"share": count / len(questions), "n": len(questions),
+                     "answers": [c.strip() for c in questions[0].continuations] if fixed else None, "gold": gold}
+    return out
+
+
+def majority_row(majority: dict[str, dict], head: list[str]) -> str:
+    cells = ["*majority answer*", *["–"] * (len(head) - 1 - len(TASK_LABELS) - 4)]  # the tasks, then avg and 3 more
+    shares = [100 * majority[t]["share"] if t in majority else None for t in TASK_LABELS]
+    cells += [fmt(v, 1) if v is not None else "–" for v in shares]
+    known = [v for v in shares if v is not None]
+    cells += [fmt(sum(known) / len(known), 2) if len(known) == len(shares) else "–", "–", "–", "–"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def majority_note(majority: dict[str, dict]) -> list[str]:
+    """Where a task's answers are the same two words for every question (BoolQ), a model's preference for one of
+    them alone sets its score: say how far apart the two preferences put the average."""
+    lines = []
+    for task, m in majority.items():
+        if not m.get("answers") or len(m["answers"]) != 2:
+            continue
+        right, other = m["answers"][m["gold"]], m["answers"][1 - m["gold"]]
+        share = 100 * m["share"]
+        lines.append(f"*Majority answer*: the score of always giving the answer most often right among the questions asked. "
+                     f"On {TASK_LABELS[task]}, {share:.0f}% of the {m['n']} questions asked are answered \"{right}\": a model that "
+                     f"always says \"{right}\" scores {share:.0f}%, one that always says \"{other}\" {100 - share:.0f}%, so a "
+                     f"change of preference alone moves the {len(TASK_LABELS)}-task average by {(2 * share - 100) / len(TASK_LABELS):.1f} points.")
+    return [" ".join(lines), ""] if lines else []
+
+
+def table(results: list[dict], long_len: int, majority: dict[str, dict] | None = None) -> str:
+    """One line per (method, ratio, recovery); with several seeds, the means (a *seeds* column says over how many);
+    with ``majority`` (:func:`majority_answers`), a last line with what always giving the most common answer scores."""
     seeded = any(len(res.get("seeds", ())) > 1 or res.get("seed_cases", 1) > 1 for res in results)
     head = ["method", "ratio", *(["seeds"] if seeded else []), "recovery", "params", "Wiki2@128", "PTB@128",
             f"Wiki2@{long_len}", f"PTB@{long_len}", *TASK_LABELS.values(), "avg", "score s", "FT s", "peak GiB"]
@@ -524,6 +567,8 @@ def table(results: list[dict], long_len: int) -> str:
             peak = res.get("peak_cuda_gib_compile") or res.get("peak_rss_gib_compile")
             cells.append(fmt(peak, 2))
             lines.append("| " + " | ".join(cells) + " |")
+    if majority:
+        lines.append(majority_row(majority, head))
     return "\n".join(lines)
 
 
@@ -677,9 +722,10 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
         "(LLM-Pruner's convention), in %. *score s*: time of the scoring pass; *FT s*: recovery fine-tuning time; "
         "*peak GiB*: peak memory of the process up to the end of pruning (GPU memory on CUDA, else RSS, model load included).",
         "",
-        table(results, long_len),
+        table(results, long_len, meta.get("majority")),
         "",
         *noise_note(caps),
+        *majority_note(meta.get("majority") or {}),
         *reconstruction_table(results),
         *seeds_table(results),
     ]
@@ -875,6 +921,9 @@ def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: li
             rows.append(f"| {label} | {'–' if label == 'dense' else format(res['ratio'], '.0%')} | {row['recovery']} | "
                         f"{res['params'] / 1e6:.1f} M | {fmt(row_ppl(row, 'wikitext2@128'))} | {fmt(row_ppl(row, 'ptb@128'))} | "
                         f"{fmt(row_acc(row), 1)} |")
+    if meta.get("majority"):  # the zero-shot average's floor: always the most common answer
+        shares = [100 * m["share"] for m in meta["majority"].values()]
+        rows.append(f"| *majority answer* | – | – | – | – | – | {fmt(sum(shares) / len(shares), 1)} |")
     passed = sum(c["result"] == "pass" for c in checks)
     body = [README_START, "",
             f"{meta['model_name']}, from [`docs/results.md`](docs/results.md) (`{meta['command']}`, {meta['date']}; "
@@ -1013,6 +1062,8 @@ def main() -> None:
         "long_len": long_len,
         "available_passes": sorted(available),
     }
+    if caps.zeroshot:
+        meta["majority"] = majority_answers(caps.max_examples)
     results: dict[str, dict] = {}
 
     def record(case: str, res: dict) -> None:

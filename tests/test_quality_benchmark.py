@@ -87,6 +87,28 @@ def test_pat_at_50_is_also_checked_against_taylor_after_taylors_recovery():
     assert next(c for c in quality.targets([pat]) if c["target"].startswith("PAT beats Taylor"))["result"] == "n/a"
 
 
+def test_the_table_ends_with_what_always_giving_the_most_common_answer_scores():
+    from graphprune.data import data_dir
+
+    rows = [json.loads(line) for line in (data_dir() / "zeroshot" / "boolq.jsonl").read_text().splitlines()[:40]]
+    yes = sum(r["gold"] == r["choices"].index("yes") for r in rows) / 40
+    majority = quality.majority_answers(40)
+    assert majority["boolq"]["share"] == pytest.approx(max(yes, 1 - yes)) and majority["boolq"]["n"] == 40
+    assert majority["boolq"]["answers"] == ["no", "yes"] and majority["piqa"]["answers"] is None  # PIQA's choices vary
+    for results in ([_seeded("taylor", 0.5, 0, 900.0, 0.4)],
+                    quality.merge_seeds([_seeded("taylor", 0.5, s, 900.0, 0.4) for s in (0, 1)])):  # with a seeds column
+        head, _, *body, last = quality.table(results, 1024, majority).splitlines()
+        assert last.count("|") == head.count("|") == body[0].count("|") and last.startswith("| *majority answer* |")
+        shares = [100 * majority[t]["share"] for t in quality.TASK_LABELS]
+        assert f"| {sum(shares) / len(shares):.2f} | – | – | – |" in last
+    assert "majority" not in quality.table(results, 1024)
+    share = 100 * majority["boolq"]["share"]
+    word, other = ("yes", "no") if yes >= 0.5 else ("no", "yes")
+    note = "\n".join(quality.majority_note(majority))
+    assert f'a model that always says "{word}" scores {share:.0f}%, one that always says "{other}" {100 - share:.0f}%' in note
+    assert f"moves the 7-task average by {(2 * share - 100) / 7:.1f} points" in note and "PIQA" not in note
+
+
 def test_validation_cases_have_one_spelling_and_a_table_row():
     import validation
 
