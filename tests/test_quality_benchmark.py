@@ -343,7 +343,7 @@ def test_main_report_quotes_pat_on_more_questions_with_its_noise_and_the_readme_
     many = [asked(dense, 300), asked(pat, 300)]
     theirs = {**main, "caps": {"max_examples": 300}, "command": "python benchmarks/quality.py --methods pat:0.2 "
               "--max-examples 300 ...", "date": "d", "targets": quality.targets(many)}
-    folder = tmp_path / "pat_zeroshot"
+    folder = tmp_path / "more_questions"
     folder.mkdir()
     (folder / "quality.json").write_text(json.dumps({"meta": theirs, "results": many}))
     monkeypatch.setattr(quality, "QUOTED_TARGET_RUNS", (("more_questions_targets", folder, "The targets on more questions"),))
@@ -359,7 +359,7 @@ def test_main_report_quotes_pat_on_more_questions_with_its_noise_and_the_readme_
     monkeypatch.setattr(quality, "REPO", tmp_path / "repo")
     quality.update_readme({"model_name": "m", "command": "c", "date": "d"}, [], [], quoted={"more_questions_targets": run})
     readme = (tmp_path / "repo" / "README.md").read_text()
-    assert ("With max_examples 300 (this table: 50) (`docs/pat_zeroshot/`): PAT at 20% beats the dense model's LoRA "
+    assert ("With max_examples 300 (this table: 50) (`docs/more_questions/`): PAT at 20% beats the dense model's LoRA "
             "fine-tuning (same budget): 40.00 vs 44.00 (dense + LoRA), **miss** (beyond noise: ±") in readme
 
 
