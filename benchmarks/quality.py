@@ -515,12 +515,15 @@ def majority_answers(max_examples: int | None) -> dict[str, dict]:
     return out
 
 
+def majority_average(majority: dict[str, dict]) -> float:
+    return sum(100 * m["share"] for m in majority.values()) / len(majority)
+
+
 def majority_row(majority: dict[str, dict], head: list[str]) -> str:
     cells = ["*majority answer*", *["–"] * (len(head) - 1 - len(TASK_LABELS) - 4)]  # the tasks, then avg and 3 more
     shares = [100 * majority[t]["share"] if t in majority else None for t in TASK_LABELS]
     cells += [fmt(v, 1) if v is not None else "–" for v in shares]
-    known = [v for v in shares if v is not None]
-    cells += [fmt(sum(known) / len(known), 2) if len(known) == len(shares) else "–", "–", "–", "–"]
+    cells += [fmt(majority_average(majority), 2) if None not in shares else "–", "–", "–", "–"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -843,6 +846,7 @@ def seeds_check(out_md: Path, meta: dict, folder: Path | None = None) -> dict | 
     return {"command": data["meta"]["command"], "date": data["meta"]["date"], "seeds": data["meta"].get("seeds", [0]),
             "targets": checks, "same_caps": same, "differ": differ, "differ_values": values, "folder": folder.name,
             "same_model": same_model, "other_options": other_options,
+            "majority_average": majority_average(data["meta"]["majority"]) if data["meta"].get("majority") else None,
             "methods": sorted({f"{r['method']} {r['ratio']:.0%}" for r in pruned})}
 
 
@@ -889,7 +893,9 @@ def quoted_targets_text(run: dict, title: str) -> list[str]:
             f"{', '.join(run['methods'])}; " + ("this table's model, caps and options, the pruned weights only sliced"
                                                  if only_without_refit(run) else f"caps that differ from this table's: {caps_differences(run)}")
             + options_caveat(run)
-            + f"): {met} of the {len(run['targets'])} targets that run could check met.", "", targets_table(run["targets"]), ""]
+            + f"): {met} of the {len(run['targets'])} targets that run could check met"
+            + (f" (the majority answer's average on its questions: {fmt(run['majority_average'])}%)"
+               if run.get("majority_average") is not None else "") + ".", "", targets_table(run["targets"]), ""]
 
 
 def seeds_text(run: dict) -> list[str]:
@@ -921,9 +927,8 @@ def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: li
             rows.append(f"| {label} | {'–' if label == 'dense' else format(res['ratio'], '.0%')} | {row['recovery']} | "
                         f"{res['params'] / 1e6:.1f} M | {fmt(row_ppl(row, 'wikitext2@128'))} | {fmt(row_ppl(row, 'ptb@128'))} | "
                         f"{fmt(row_acc(row), 1)} |")
-    if meta.get("majority"):  # the zero-shot average's floor: always the most common answer
-        shares = [100 * m["share"] for m in meta["majority"].values()]
-        rows.append(f"| *majority answer* | – | – | – | – | – | {fmt(sum(shares) / len(shares), 1)} |")
+    if meta.get("majority"):  # for scale: what always giving the most common answer scores
+        rows.append(f"| *majority answer* | – | – | – | – | – | {fmt(majority_average(meta['majority']), 1)} |")
     passed = sum(c["result"] == "pass" for c in checks)
     body = [README_START, "",
             f"{meta['model_name']}, from [`docs/results.md`](docs/results.md) (`{meta['command']}`, {meta['date']}; "

@@ -342,7 +342,8 @@ def test_main_report_quotes_pat_on_more_questions_with_its_noise_and_the_readme_
     assert pat_20["result"] == "miss" and pat_20["within_noise"]  # 4 points on 50 questions per task: ±7.5
     many = [asked(dense, 300), asked(pat, 300)]
     theirs = {**main, "caps": {"max_examples": 300}, "command": "python benchmarks/quality.py --methods pat:0.2 "
-              "--max-examples 300 ...", "date": "d", "targets": quality.targets(many)}
+              "--max-examples 300 ...", "date": "d", "targets": quality.targets(many),
+              "majority": {t: {"share": 0.5 if t != "boolq" else 0.64} for t in quality.TASK_LABELS}}
     folder = tmp_path / "more_questions"
     folder.mkdir()
     (folder / "quality.json").write_text(json.dumps({"meta": theirs, "results": many}))
@@ -353,7 +354,7 @@ def test_main_report_quotes_pat_on_more_questions_with_its_noise_and_the_readme_
     text = "\n".join(quality.quoted_targets_text(run, "The targets on more questions"))
     assert "caps that differ from this table's: max_examples 300 (this table: 50)" in text
     assert "cases run: pat 20%" in text and "0 of the 1 targets that run could check met" in text
-    assert "**miss** (beyond noise: ±" in text
+    assert "**miss** (beyond noise: ±" in text and "the majority answer's average on its questions: 52.00%" in text
     (tmp_path / "repo").mkdir()
     (tmp_path / "repo" / "README.md").write_text(f"{quality.README_START}\n{quality.README_END}\n")
     monkeypatch.setattr(quality, "REPO", tmp_path / "repo")
