@@ -952,11 +952,15 @@ def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: li
 def readme_quoted_sentence(key: str, run: dict) -> str:
     """One sentence of the README's results section on a quoted run: how many targets it met, or, for a run
     that checked one or two, each with its figures."""
+    asked = run.get("differ_values", {}).get("max_examples", [None])[0]
     lead = {"no_reconstruct_targets": "Without the refit after planning",
-            "more_questions_targets": f"With {caps_differences(run)}"}.get(key, run["folder"])
+            "more_questions_targets": f"On {asked} questions per task" if asked else f"With {caps_differences(run)}",
+            }.get(key, run["folder"])
     if len(run["targets"]) > 2:
+        noisy = sum(bool(c.get("within_noise")) for c in run["targets"])
         return (f" {lead} (`docs/{run['folder']}/`): {sum(c['result'] == 'pass' for c in run['targets'])} of the "
-                f"{len(run['targets'])} targets it checks met.")
+                f"{len(run['targets'])} targets it checks met" + (f"; {noisy} of those {len(run['targets'])} comparisons "
+                                                                 "are within noise." if noisy else "."))
     return f" {lead} (`docs/{run['folder']}/`): " + "; ".join(
         f"{c['target']}: {fmt(c['ours'])} vs {fmt(c['reference'])} ({c['against']}), **{c['result']}**{noise_text(c)}"
         for c in run["targets"]) + "."

@@ -360,8 +360,12 @@ def test_main_report_quotes_pat_on_more_questions_with_its_noise_and_the_readme_
     monkeypatch.setattr(quality, "REPO", tmp_path / "repo")
     quality.update_readme({"model_name": "m", "command": "c", "date": "d"}, [], [], quoted={"more_questions_targets": run})
     readme = (tmp_path / "repo" / "README.md").read_text()
-    assert ("With max_examples 300 (this table: 50) (`docs/more_questions/`): PAT at 20% beats the dense model's LoRA "
+    assert ("On 300 questions per task (`docs/more_questions/`): PAT at 20% beats the dense model's LoRA "
             "fine-tuning (same budget): 40.00 vs 44.00 (dense + LoRA), **miss** (beyond noise: ±") in readme
+    # more than two targets: counted, with how many are within noise
+    three = {**run, "targets": [check, {**check, "result": "pass", "within_noise": True}, check]}
+    assert quality.readme_quoted_sentence("more_questions_targets", three).endswith(
+        "(`docs/more_questions/`): 1 of the 3 targets it checks met; 1 of those 3 comparisons are within noise.")
 
 
 def test_reconstruction_is_the_default_recipe_reads_wikitext2_and_leaves_the_dense_key_alone():
