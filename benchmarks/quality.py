@@ -521,9 +521,8 @@ def majority_average(majority: dict[str, dict]) -> float:
 
 def majority_row(majority: dict[str, dict], head: list[str]) -> str:
     cells = ["*majority answer*", *["–"] * (len(head) - 1 - len(TASK_LABELS) - 4)]  # the tasks, then avg and 3 more
-    shares = [100 * majority[t]["share"] if t in majority else None for t in TASK_LABELS]
-    cells += [fmt(v, 1) if v is not None else "–" for v in shares]
-    cells += [fmt(majority_average(majority), 2) if None not in shares else "–", "–", "–", "–"]
+    cells += [fmt(100 * majority[t]["share"], 1) for t in TASK_LABELS]
+    cells += [fmt(majority_average(majority), 2), "–", "–", "–"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -536,11 +535,13 @@ def majority_note(majority: dict[str, dict]) -> list[str]:
             continue
         right, other = m["answers"][m["gold"]], m["answers"][1 - m["gold"]]
         share = 100 * m["share"]
-        lines.append(f"*Majority answer*: the score of always giving the answer most often right among the questions asked. "
-                     f"On {TASK_LABELS[task]}, {share:.0f}% of the {m['n']} questions asked are answered \"{right}\": a model that "
+        lines.append(f"On {TASK_LABELS[task]}, {share:.0f}% of the {m['n']} questions asked are answered \"{right}\": a model that "
                      f"always says \"{right}\" scores {share:.0f}%, one that always says \"{other}\" {100 - share:.0f}%, so a "
                      f"change of preference alone moves the {len(TASK_LABELS)}-task average by {(2 * share - 100) / len(TASK_LABELS):.1f} points.")
-    return [" ".join(lines), ""] if lines else []
+    if not lines:
+        return []
+    return [" ".join(["*Majority answer*: the score of always giving the answer most often right among the questions asked.",
+                      *lines]), ""]
 
 
 def table(results: list[dict], long_len: int, majority: dict[str, dict] | None = None) -> str:
@@ -881,9 +882,8 @@ def cap_value(key: str, value) -> str:
 
 def caps_differences(run: dict) -> str:
     """The caps a quoted run ran with that differ from this table's, with both values."""
-    values = run.get("differ_values", {})
-    return ", ".join(f"{k} {cap_value(k, values[k][0])} (this table: {cap_value(k, values[k][1])})" if k in values else k
-                     for k in run["differ"])
+    values = run["differ_values"]
+    return ", ".join(f"{k} {cap_value(k, values[k][0])} (this table: {cap_value(k, values[k][1])})" for k in run["differ"])
 
 
 def quoted_targets_text(run: dict, title: str) -> list[str]:
@@ -943,19 +943,25 @@ def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: li
                f"{sum(c['result'] == 'pass' for c in seeded['targets'])} of the {len(seeded['targets'])} targets it checks met; "
                f"{sum(bool(c.get('within_noise')) for c in seeded['targets'])} of those {len(seeded['targets'])} comparisons "
                "are within noise." if seeded else "")
-            + "".join(readme_quoted_sentence(key, run) for key, run in (quoted or {}).items()), "",
+            + "".join(readme_quoted_sentence(run) for run in (quoted or {}).values()), "",
             README_END]
     start, end = text.index(README_START), text.index(README_END) + len(README_END)
     atomic_write_text(readme, text[:start] + "\n".join(body) + text[end:])
 
 
-def readme_quoted_sentence(key: str, run: dict) -> str:
+def quoted_run_lead(run: dict) -> str:
+    """How the README names a quoted run: by what it ran differently from the table."""
+    if only_without_refit(run):
+        return "Without the refit after planning"
+    if run["differ"] == ["max_examples"]:
+        return f"On {run['differ_values']['max_examples'][0]} questions per task"
+    return f"With {caps_differences(run)}"
+
+
+def readme_quoted_sentence(run: dict) -> str:
     """One sentence of the README's results section on a quoted run: how many targets it met, or, for a run
     that checked one or two, each with its figures."""
-    asked = run.get("differ_values", {}).get("max_examples", [None])[0]
-    lead = {"no_reconstruct_targets": "Without the refit after planning",
-            "more_questions_targets": f"On {asked} questions per task" if asked else f"With {caps_differences(run)}",
-            }.get(key, run["folder"])
+    lead = quoted_run_lead(run)
     if len(run["targets"]) > 2:
         noisy = sum(bool(c.get("within_noise")) for c in run["targets"])
         return (f" {lead} (`docs/{run['folder']}/`): {sum(c['result'] == 'pass' for c in run['targets'])} of the "

@@ -364,7 +364,7 @@ def test_main_report_quotes_pat_on_more_questions_with_its_noise_and_the_readme_
             "fine-tuning (same budget): 40.00 vs 44.00 (dense + LoRA), **miss** (beyond noise: ±") in readme
     # more than two targets: counted, with how many are within noise
     three = {**run, "targets": [check, {**check, "result": "pass", "within_noise": True}, check]}
-    assert quality.readme_quoted_sentence("more_questions_targets", three).endswith(
+    assert quality.readme_quoted_sentence(three).endswith(
         "(`docs/more_questions/`): 1 of the 3 targets it checks met; 1 of those 3 comparisons are within noise.")
 
 
