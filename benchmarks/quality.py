@@ -851,13 +851,18 @@ def seeds_check(out_md: Path, meta: dict, folder: Path | None = None) -> dict | 
             "methods": sorted({f"{r['method']} {r['ratio']:.0%}" for r in pruned})}
 
 
-# runs of this table's caps and options but one that the main report quotes for the targets they check:
-# no refit after planning (what the refit adds), and more questions per task for the targets on zero-shot
-# accuracy (HyWIA's, PAT's: at 50 questions per task their gaps are mostly within noise); (JSON key, folder, title)
+# runs of this table's caps and options but one or two that the main report quotes for the targets they
+# check: no refit after planning (what the refit adds); more questions per task for the targets on zero-shot
+# accuracy (HyWIA's, PAT's: at 50 questions per task their gaps are mostly within noise); and PAT's targets
+# with a longer training budget on both sides (whether the gap to the tuned dense model is the budget's);
+# (JSON key, folder, title)
 NO_RECONSTRUCT_RUN = REPO / "docs" / "no_reconstruct"
 MORE_QUESTIONS_RUN = REPO / "docs" / "more_questions"
+LONGER_RECOVERY_RUN = REPO / "docs" / "longer_recovery"
 QUOTED_TARGET_RUNS = (("no_reconstruct_targets", NO_RECONSTRUCT_RUN, "The targets without reconstruction"),
-                      ("more_questions_targets", MORE_QUESTIONS_RUN, "The targets on more questions per task"))
+                      ("more_questions_targets", MORE_QUESTIONS_RUN, "The targets on more questions per task"),
+                      ("longer_recovery_targets", LONGER_RECOVERY_RUN,
+                       "The targets with a longer training budget (PAT's and the recovery's)"))
 
 
 def only_without_refit(run: dict) -> bool:
@@ -949,12 +954,17 @@ def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: li
     atomic_write_text(readme, text[:start] + "\n".join(body) + text[end:])
 
 
+# how the README names a cap a quoted run changed, given that run's value
+CAP_PHRASES = {"finetune_steps": "with {} training steps", "max_examples": "on {} questions per task"}
+
+
 def quoted_run_lead(run: dict) -> str:
     """How the README names a quoted run: by what it ran differently from the table."""
     if only_without_refit(run):
         return "Without the refit after planning"
-    if run["differ"] == ["max_examples"]:
-        return f"On {run['differ_values']['max_examples'][0]} questions per task"
+    if run["differ"] and set(run["differ"]) <= set(CAP_PHRASES):
+        lead = ", ".join(CAP_PHRASES[k].format(fmt(run["differ_values"][k][0])) for k in run["differ"])
+        return lead[0].upper() + lead[1:]
     return f"With {caps_differences(run)}"
 
 

@@ -366,6 +366,13 @@ def test_main_report_quotes_pat_on_more_questions_with_its_noise_and_the_readme_
     three = {**run, "targets": [check, {**check, "result": "pass", "within_noise": True}, check]}
     assert quality.readme_quoted_sentence(three).endswith(
         "(`docs/more_questions/`): 1 of the 3 targets it checks met; 1 of those 3 comparisons are within noise.")
+    # a run with a longer budget too is named by both caps, in words; a cap without words by its key and values
+    longer = {**run, "differ": ["finetune_steps", "max_examples"],
+              "differ_values": {"finetune_steps": [320, 80], "max_examples": [300, 50]}}
+    assert quality.readme_quoted_sentence(longer).startswith(
+        " With 320 training steps, on 300 questions per task (`docs/more_questions/`): PAT at 20%")
+    tokens = {**run, "differ": ["max_tokens"], "differ_values": {"max_tokens": [0, 4096]}}
+    assert quality.quoted_run_lead(tokens) == "With max_tokens 0 (this table: 4,096)"
 
 
 def test_reconstruction_is_the_default_recipe_reads_wikitext2_and_leaves_the_dense_key_alone():
