@@ -350,6 +350,7 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
             out["reconstruction"] = {**{k: v for k, v in report.reconstruction.items() if k != "errors"},
                                      "seconds": report.seconds.get("reconstruct")}
         out["achieved_ratio"] = report.achieved_ratio
+        out["scoring"] = report.scoring  # what each pass recorded (a training pass: its steps and losses)
         out["per_layer"] = [{k: list(v) if isinstance(v, tuple) else v for k, v in r.items()} for r in report.per_layer()]
         params = pruned.num_parameters()
     out["params"] = params

@@ -49,6 +49,8 @@ def test_quick_run_writes_rows_for_every_case(tmp_path, stories_dir):
     assert results["taylor:0.5"]["config"] == {"kinds": ["channels"], "protect_layers": [1, 1],
                                                "reconstruct": {"calib": "wikitext2", "n_samples": 8}}
     assert results["taylor:0.5"]["reconstruction"]["layers"] > 0  # the recipe's refit ran
+    pat = results["pat:0.5"]["scoring"]["pat"]  # what the pass recorded is kept: its steps (the recovery's) and losses
+    assert pat["steps"] == quality.QUICK["finetune_steps"] and pat["last_loss"] > 0
     for case in results.values():
         assert [row["recovery"] for row in case["rows"]] == ["none", "lora"], case.get("error")
     taylor = results["taylor:0.5"]["rows"]
