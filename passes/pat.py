@@ -95,6 +95,13 @@ def polarization_loss(z: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def segment_means(values: list[float], parts: int = 10) -> list[float]:
+    """The mean of each of ``parts`` consecutive, near-equal slices of ``values`` (fewer when there are fewer values)."""
+    n = len(values)
+    slices = [values[i * n // parts:(i + 1) * n // parts] for i in range(parts)]
+    return [sum(v) / len(v) for v in slices if v]
+
+
 def binary_mask(z: torch.Tensor, keep: int) -> tuple[torch.Tensor, bool]:
     """The kept channels (``z > 0``, or the top-``keep`` by ``z`` when that count is not ``keep``)."""
     positive = z > 0
@@ -274,10 +281,12 @@ class PAT(ScoringPass):
             "init_calib": c.init_calib if c.init_calib is None or isinstance(c.init_calib, str) else type(c.init_calib).__name__,
             "keep": keep_count, "hidden": group.size, "exact_count": exact,
             "first_loss": result.losses[0], "last_loss": result.losses[-1], "last_terms": last,
+            # the task loss as the mask hardens (it rises where the model cannot yet make up for the channels lost)
+            "task_loss_by_tenth": segment_means([log["lm"] for log in result.logs]),
             "merge_error": error,
         }
         lift = float(logits.max() - logits.min()) + 1.0  # kept channels rank above every pruned one
         return {group.name: logits + lift * keep.float()}
 
 
-__all__ = ["PAT", "binary_mask", "mask_schedule", "polarization_loss", "sparsity_loss"]
+__all__ = ["PAT", "binary_mask", "mask_schedule", "polarization_loss", "segment_means", "sparsity_loss"]
