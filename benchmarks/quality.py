@@ -945,14 +945,18 @@ def update_readme(meta: dict, results: list[dict], checks: list[dict], whole: li
                 f"{fmt(c['ours'])} ({c['method']}) vs {fmt(c['reference'])} after "
                 + ("reconstruction and " if c.get("reconstruct") else "") + f"{c['recovery_steps']} steps of recovery, "
                 f"**{c['result']}** (`docs/{c['folder']}/`)" for c in whole) + "." if whole else "")
-            + (f" Over {len(seeded['seeds'])} seeds (`docs/seeds/`): "
-               f"{sum(c['result'] == 'pass' for c in seeded['targets'])} of the {len(seeded['targets'])} targets it checks met; "
-               f"{sum(bool(c.get('within_noise')) for c in seeded['targets'])} of those {len(seeded['targets'])} comparisons "
-               "are within noise." if seeded else "")
+            + (f" Over {len(seeded['seeds'])} seeds (`docs/seeds/`): {targets_met_text(seeded['targets'])}" if seeded else "")
             + "".join(readme_quoted_sentence(run) for run in (quoted or {}).values()), "",
             README_END]
     start, end = text.index(README_START), text.index(README_END) + len(README_END)
     atomic_write_text(readme, text[:start] + "\n".join(body) + text[end:])
+
+
+def targets_met_text(checks: list[dict]) -> str:
+    """How many of another run's targets it met, and how many of those comparisons are within noise (when any)."""
+    n, noisy = len(checks), sum(bool(c.get("within_noise")) for c in checks)
+    return (f"{sum(c['result'] == 'pass' for c in checks)} of the {n} targets it checks met"
+            + (f"; {noisy} of those {n} comparisons are within noise." if noisy else "."))
 
 
 # how the README names a cap a quoted run changed, given that run's value
@@ -974,10 +978,7 @@ def readme_quoted_sentence(run: dict) -> str:
     that checked one or two, each with its figures."""
     lead = quoted_run_lead(run)
     if len(run["targets"]) > 2:
-        noisy = sum(bool(c.get("within_noise")) for c in run["targets"])
-        return (f" {lead} (`docs/{run['folder']}/`): {sum(c['result'] == 'pass' for c in run['targets'])} of the "
-                f"{len(run['targets'])} targets it checks met" + (f"; {noisy} of those {len(run['targets'])} comparisons "
-                                                                 "are within noise." if noisy else "."))
+        return f" {lead} (`docs/{run['folder']}/`): {targets_met_text(run['targets'])}"
     return f" {lead} (`docs/{run['folder']}/`): " + "; ".join(
         f"{c['target']}: {fmt(c['ours'])} vs {fmt(c['reference'])} ({c['against']}), **{c['result']}**{noise_text(c)}"
         for c in run["targets"]) + "."
