@@ -363,7 +363,8 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
                                     **recovery_options(caps, None if method == "dense" else model))
         info = tuned.finetune_info
         row = {"recovery": "lora", "finetune_seconds": time.perf_counter() - t0, "finetune_backend": info.backend,
-               "finetune_first_loss": info.losses[0], "finetune_last_loss": info.losses[-1]}
+               "finetune_first_loss": info.losses[0], "finetune_last_loss": info.losses[-1],
+               "finetune_loss_by_tenth": info.to_dict()["loss_by_tenth"]}
         out["rows"].append({**row, **evaluate_row(tuned, tok, caps, long_len)})
     out["peak_rss_gib"] = peak_rss_gib()
     return out

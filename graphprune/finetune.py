@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .analysis.groups import as_names, block_of
 from .analysis.walk import fetch_attr
 from .errors import GraphpruneError
-from .train import TrainConfig, TrainResult, logits_of, train
+from .train import TrainConfig, TrainResult, logits_of, segment_means, train
 
 IGNORE = -100
 # Stanford Alpaca's prompts (its train.py PROMPT_DICT), the usual format for LoRA recovery
@@ -163,7 +163,8 @@ class FinetuneInfo:
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "reason": self.reason, "steps": self.steps, "first_loss": self.losses[0] if self.losses else None,
-                "last_loss": self.losses[-1] if self.losses else None, "seconds": self.seconds,
+                "last_loss": self.losses[-1] if self.losses else None, "loss_by_tenth": segment_means(self.losses),
+                "seconds": self.seconds,
                 "trainable_params": self.trainable_params, "config": self.config}
 
 

@@ -60,6 +60,13 @@ class TrainResult:
     seconds: float = 0.0
 
 
+def segment_means(values: list[float], parts: int = 10) -> list[float]:
+    """How a training curve moved: the mean of each of ``parts`` consecutive, near-equal slices of ``values`` (fewer when there are fewer values)."""
+    n = len(values)
+    slices = [values[i * n // parts:(i + 1) * n // parts] for i in range(parts)]
+    return [sum(v) / len(v) for v in slices if v]
+
+
 def causal_lm_loss(output, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy of ``output``'s logits on ``input_ids``."""
     logits = logits_of(output)

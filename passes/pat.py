@@ -65,7 +65,7 @@ from graphprune.hsm import check_supported, hidden_group, identity_loss, insert_
 from graphprune.lora import add_lora
 from graphprune.lora import merged_weights as lora_merged_weights
 from graphprune.registry import ScoringPass, get_pass, register_pass
-from graphprune.train import TrainConfig, causal_lm_loss, logits_of, train
+from graphprune.train import TrainConfig, causal_lm_loss, logits_of, segment_means, train
 
 
 def mask_schedule(step: int, total: int) -> tuple[float, float]:
@@ -93,13 +93,6 @@ def polarization_loss(z: torch.Tensor) -> torch.Tensor:
     if neg.numel():
         total = total + (neg + 0.5).square().mean()
     return total
-
-
-def segment_means(values: list[float], parts: int = 10) -> list[float]:
-    """The mean of each of ``parts`` consecutive, near-equal slices of ``values`` (fewer when there are fewer values)."""
-    n = len(values)
-    slices = [values[i * n // parts:(i + 1) * n // parts] for i in range(parts)]
-    return [sum(v) / len(v) for v in slices if v]
 
 
 def binary_mask(z: torch.Tensor, keep: int) -> tuple[torch.Tensor, bool]:
@@ -289,4 +282,4 @@ class PAT(ScoringPass):
         return {group.name: logits + lift * keep.float()}
 
 
-__all__ = ["PAT", "binary_mask", "mask_schedule", "polarization_loss", "segment_means", "sparsity_loss"]
+__all__ = ["PAT", "binary_mask", "mask_schedule", "polarization_loss", "sparsity_loss"]

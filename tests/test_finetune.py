@@ -45,6 +45,7 @@ def test_finetune_lowers_loss_and_round_trips(stories, tmp_path):
     assert nll(tuned, ids) < nll(compiled, ids)  # the merged weights carry what was learnt
     assert tuned.num_parameters() == compiled.num_parameters()  # adapters merged, nothing added
     assert tuned.report.scoring["finetune"]["steps"] == 6 and "finetune" in tuned.report.seconds
+    assert tuned.report.scoring["finetune"]["loss_by_tenth"] == info.losses  # six steps: one per slice
     # inputs untouched
     assert all(torch.equal(dense_state[k], v) for k, v in model.state_dict().items())
     assert all(torch.equal(graph_state[k], v) for k, v in compiled.module.state_dict().items())

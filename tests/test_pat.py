@@ -8,7 +8,7 @@ from conftest import analysed, fresh_inputs, outputs
 import graphprune
 from graphprune.errors import GraphpruneError
 from graphprune.hsm import identity_loss, insert_hsms, merged_weights, residual_writers
-from graphprune.passes.pat import PAT, binary_mask, mask_schedule, polarization_loss, segment_means, sparsity_loss
+from graphprune.passes.pat import PAT, binary_mask, mask_schedule, polarization_loss, sparsity_loss
 from graphprune.plan import make_plan
 
 RATIO = 0.3
@@ -65,13 +65,6 @@ def test_mask_schedule_and_losses():
     assert not exact and keep.tolist() == [True, False, False, True]
     keep, exact = binary_mask(torch.tensor([0.3, -0.2, -0.1, 0.4]), 2)
     assert exact and int(keep.sum()) == 2
-
-
-def test_segment_means_split_the_steps_in_order():
-    assert segment_means([1.0, 3.0, 5.0, 7.0], parts=2) == [2.0, 6.0]
-    assert segment_means([1.0, 2.0, 3.0], parts=10) == [1.0, 2.0, 3.0]  # fewer values than parts: one each
-    assert segment_means(list(map(float, range(25))))[0] == 0.5  # 25 steps in tenths: 2 or 3 steps each
-    assert segment_means([]) == []
 
 
 def test_writers_come_from_the_analysis():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from graphprune.errors import GraphpruneError
-from graphprune.train import TrainConfig, causal_lm_loss, lr_factor, train
+from graphprune.train import TrainConfig, causal_lm_loss, lr_factor, segment_means, train
 
 
 def _problem(seed=0):
@@ -70,3 +70,10 @@ def test_schedule_and_lm_loss():
     logits[0, 0, 2] = logits[0, 1, 3] = 0.0  # predicts the next token perfectly
     assert causal_lm_loss(logits, ids).item() == pytest.approx(0.0, abs=1e-6)
     assert causal_lm_loss({"logits": torch.zeros(1, 3, 5)}, ids).item() == pytest.approx(torch.log(torch.tensor(5.0)).item())
+
+
+def test_segment_means_split_the_steps_in_order():
+    assert segment_means([1.0, 3.0, 5.0, 7.0], parts=2) == [2.0, 6.0]
+    assert segment_means([1.0, 2.0, 3.0], parts=10) == [1.0, 2.0, 3.0]  # fewer values than parts: one each
+    assert segment_means(list(map(float, range(25))))[0] == 0.5  # 25 steps in tenths: 2 or 3 steps each
+    assert segment_means([]) == []
