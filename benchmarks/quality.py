@@ -16,7 +16,9 @@ of them at once (each with cores / N torch threads). Each finished case is kept 
 run resumes where it stopped (``--fresh`` ignores the cache; on a machine without the cache,
 ``--reuse-report`` takes the finished cases of the out-dir's quality.json that have the same key); the report is rewritten after every
 case, with the cases still to run marked *pending*. Writes a markdown report with a table and a
-PNG of the kept width per layer per method, plus a JSON file:
+PNG of the kept width per layer per method, plus a JSON file. Below the table the report shows what the
+refit changed per case, the cross entropy per tenth of the steps of the trainings on the recovery text
+(the dense model's LoRA, PAT's own), and the quality issue's targets:
 
     python benchmarks/quality.py                                    # full: docs/results.md, docs/quality.json
     python benchmarks/quality.py --quick --model ../shared/data/models/stories260K   # smoke test (/tmp)
@@ -605,6 +607,32 @@ def reconstruction_table(results: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def training_curves(results: list[dict]) -> list[str]:
+    """How training moved the cross entropy on the recovery text, per tenth of the steps: the dense model's LoRA
+    recovery and each pass that trains on that text with it (PAT; a case of several seeds: its first seed's).
+    The pruned models' recoveries are left out: their loss is the KL to the dense model, another quantity."""
+    curves = []
+    for r in results:
+        for row in r.get("rows", ()):
+            if r.get("method") == "dense" and row.get("recovery") != "none" and row.get("finetune_loss_by_tenth"):
+                curves.append(("dense + LoRA recovery", row["finetune_loss_by_tenth"]))
+        for name, info in (r.get("scoring") or {}).items():
+            if isinstance(info, dict) and info.get("task_loss_by_tenth") and not info.get("distill"):
+                curves.append((f"{r['method']} {r['ratio']:.0%}: its {name} pass", info["task_loss_by_tenth"]))
+    if not any(label.endswith("pass") for label, _ in curves):
+        return []
+    parts = max(len(c) for _, c in curves)
+    lines = ["**Training curves**: mean cross entropy on the recovery text per tenth of the steps, for the dense "
+             "model's LoRA recovery and for each pass that trains on that text (the same budget). PAT's mask keeps every "
+             "channel at least half on until half-way (its bias b_t), and its logits freeze at 80% of the steps: its "
+             "later tenths are of a model with the channels it removes (nearly) off.", "",
+             "| run | " + " | ".join(f"{i + 1}/{parts}" for i in range(parts)) + " |",
+             "|---|" + "---:|" * parts]
+    lines += [f"| {label} | " + " | ".join([f"{v:.2f}" for v in curve] + ["–"] * (parts - len(curve))) + " |"
+              for label, curve in curves]
+    return lines + [""]
+
+
 def seeds_table(results: list[dict]) -> list[str]:
     """Each seed's figures for the cases run with several (the table shows their means)."""
     lines = []
@@ -733,6 +761,7 @@ def write_report(meta: dict, results: list[dict], out_md: Path, out_json: Path) 
         *noise_note(caps),
         *majority_note(meta.get("majority") or {}),
         *reconstruction_table(results),
+        *training_curves(results),
         *seeds_table(results),
     ]
     checks = targets(results)

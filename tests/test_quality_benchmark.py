@@ -442,3 +442,18 @@ def test_the_report_shows_what_the_refit_changed_per_case():
     text = "\n".join(quality.reconstruction_table([taylor, older]))
     assert "Not in this table: loraprune 20% (run at c8b9514, before the benchmark kept the refit's summary" in text
     assert quality.reconstruction_table([taylor | {"reconstruction": {}}]) == []  # a run without the refit: no table
+
+
+def test_the_report_shows_the_training_curves_on_the_recovery_text():
+    dense, taylor, pat = _seeded("dense", 0.0, 0, 50.0, 0.4), _seeded("taylor", 0.5, 0, 250.0, 0.4), _seeded("pat", 0.2, 0, 450.0, 0.4)
+    assert quality.training_curves([dense, taylor, pat]) == []  # nothing recorded (older cases): no section
+    dense["rows"].append({**dense["rows"][0], "recovery": "lora", "finetune_loss_by_tenth": [2.0 - i / 20 for i in range(10)]})
+    taylor["rows"].append({**taylor["rows"][0], "recovery": "lora", "finetune_loss_by_tenth": [0.5] * 10})  # KL, not CE
+    assert quality.training_curves([dense, taylor]) == []  # the dense curve alone compares with nothing
+    pat["scoring"] = {"pat": {"task_loss_by_tenth": [1.8, 1.5, 1.6, 2.2], "distill": False}}
+    text = "\n".join(quality.training_curves([dense, taylor, pat]))
+    assert "| dense + LoRA recovery | 2.00 | 1.95 |" in text and text.count("| 1.55 |") == 1
+    assert "| pat 20%: its pat pass | 1.80 | 1.50 | 1.60 | 2.20 | – | – | – | – | – | – |" in text  # fewer steps than tenths
+    assert "taylor" not in text and "| 1/10 | 2/10 |" in text
+    pat["scoring"]["pat"]["distill"] = True  # trained on the dense model's logits: not cross entropy either
+    assert quality.training_curves([dense, pat]) == []
