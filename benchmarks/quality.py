@@ -608,8 +608,8 @@ def reconstruction_table(results: list[dict]) -> list[str]:
 
 
 def training_curves(results: list[dict]) -> list[str]:
-    """How training moved the cross entropy on the recovery text, per tenth of the steps: the dense model's LoRA
-    recovery and each pass that trains on that text with it (PAT; a case of several seeds: its first seed's).
+    """How training moved the cross entropy on the recovery data, per tenth of the steps: the dense model's LoRA
+    recovery and each pass that trains on that data with it (PAT; a case of several seeds: its first seed's).
     The pruned models' recoveries are left out: their loss is the KL to the dense model, another quantity."""
     curves = []
     for r in results:
@@ -622,10 +622,12 @@ def training_curves(results: list[dict]) -> list[str]:
     if not any(label.endswith("pass") for label, _ in curves):
         return []
     parts = max(len(c) for _, c in curves)
-    lines = ["**Training curves**: mean cross entropy on the recovery text per tenth of the steps, for the dense "
-             "model's LoRA recovery and for each pass that trains on that text (the same budget). PAT's mask keeps every "
-             "channel at least half on until half-way (its bias b_t), and its logits freeze at 80% of the steps: its "
-             "later tenths are of a model with the channels it removes (nearly) off.", "",
+    lines = ["**Training curves**: mean cross entropy per tenth of the steps on the recovery data, for the dense "
+             "model's LoRA recovery (on its examples' responses, as `graphprune.finetune` trains on instruction data) and "
+             "for each pass that trains on that data with the same budget (on windows of prompt and response text: a "
+             "different average, so compare each curve's shape, not the two levels). PAT's mask keeps every channel at "
+             "least half on until half-way (its bias b_t), and its logits freeze at 80% of the steps: its later tenths are "
+             "of a model with the channels it removes (nearly) off.", "",
              "| run | " + " | ".join(f"{i + 1}/{parts}" for i in range(parts)) + " |",
              "|---|" + "---:|" * parts]
     lines += [f"| {label} | " + " | ".join([f"{v:.2f}" for v in curve] + ["–"] * (parts - len(curve))) + " |"
