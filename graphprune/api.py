@@ -28,7 +28,7 @@ from .flops import count_flops, flops_tokens
 from .masking import insert_masks
 from .plan import PruningPlan, atomic_write_text, check_ratio, make_plan, usual_modes
 from .reconstruct import reconstruct_options, reconstruct_weights, reconstruction_data
-from .rewrite import rewrite
+from .rewrite import check_runs, rewrite
 from .data import as_tokenizer, load_tokenizer
 from .registry import check_options, get_pass
 from .scoring import score
@@ -456,6 +456,7 @@ def compile(
                 weights = reconstruction.weights
         with _stage(seconds, "rewrite", bar):
             module = rewrite(dg, leaf_keep, weights=weights)
+            check_runs(module, dg.gm, traced.example_kwargs)
     finally:
         bar.close()
     report = Report(

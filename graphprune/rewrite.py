@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import sympy
 import torch
 import torch.fx as fx
+import torch.fx._pytree as fx_pytree
 
 from .analysis import DependencyGraph
 from .analysis.op_rules import rule_for
@@ -287,3 +288,46 @@ def rewrite(dg: DependencyGraph, leaf_keep: dict[int, torch.Tensor], weights: di
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+class _ShapeRun(fx.Interpreter):
+    """Runs a graph on fake tensors, remembering the node it is at (for the error message)."""
+
+    def run_node(self, n):
+        self.at = n
+        return super().run_node(n)
+
+
+def shape_failure(gm: fx.GraphModule, example_kwargs: dict | None) -> str | None:
+    """Where ``gm`` fails to run on ``example_kwargs`` (shapes only, on fake tensors: no arithmetic),
+    as ``"node (op): error"``; None when it runs, or when the inputs cannot be fed to it here."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    spec = getattr(gm, "_in_spec", None)
+    try:
+        flat = fx_pytree.tree_flatten_spec(((), dict(example_kwargs or {})), spec) if spec is not None else None
+    except Exception:
+        return None
+    if flat is None:
+        return None
+    run = _ShapeRun(gm)
+    run.at = None
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            run.run(*flat)
+    except Exception as exc:  # noqa: BLE001 - any failure is the message
+        at = run.at
+        where = f"{at.name} ({at.target})" if at is not None else "the graph"
+        return f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
+def check_runs(pruned: fx.GraphModule, dense: fx.GraphModule, example_kwargs: dict | None) -> None:
+    """Refuse a pruned graph that cannot run where the dense one can: a group the analysis let through
+    that some op cannot follow (a graphprune bug), caught here instead of at the caller's first call."""
+    failure = shape_failure(pruned, example_kwargs)
+    if failure is not None and shape_failure(dense, example_kwargs) is None:
+        raise RewriteError(
+            f"the pruned graph does not run ({failure}): the analysis let an op's input be pruned that the op "
+            "cannot follow. This is a graphprune bug; please report it with the model. Until then, leave that part "
+            "whole: ignore= the modules around that node, or prune fewer kinds=.")

@@ -127,3 +127,112 @@ def test_peft_lora_branches_are_coupled_to_their_base_layers():
     assert all(g.kind != "lora_rank" for g in small.plan.groups)
     assert graphprune.verify(small).ok
     assert all(torch.equal(before[k], v) for k, v in peft_model.state_dict().items())
+
+
+# ---------------------------------------------------------------- ops whose outputs cannot follow a pruned input
+# Found by a sweep over transformers' causal LMs (GPT-OSS, JetMoE, DiffLlama, Apertus): before these rules
+# froze both sides, a layer reading such an output got a prunable group of its own, which the rewrite sliced while
+# the activation kept its width.
+X = torch.randn(2, 5, 8)
+
+
+class _Interleaved(nn.Module):
+    """GPT-OSS's experts: gate and up interleaved in one projection, read by strided slices."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up, self.down = nn.Linear(8, 32), nn.Linear(16, 8)
+        self.mlp_up, self.mlp_down = nn.Linear(8, 16), nn.Linear(16, 8)  # something that can be pruned
+
+    def forward(self, x):
+        h = self.gate_up(x)
+        return self.down(torch.nn.functional.silu(h[..., ::2]) * h[..., 1::2]) + self.mlp_down(torch.relu(self.mlp_up(x)))
+
+
+class _TokensSplit(nn.Module):
+    """JetMoE's routing: tokens split along a dynamic dim, each piece through its own layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.head, self.rest = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, x):
+        flat = torch.relu(self.up(x)).reshape(-1, 16)
+        n = flat.shape[0]
+        first, others = flat.split([n // 2, n - n // 2], dim=0)
+        return torch.cat([self.head(first), self.rest(others)], dim=0).view(x.shape[0], x.shape[1], 8)
+
+
+class _ChunkedProduct(nn.Module):
+    """DiffLlama: a chunk over an axis that is already a product (heads x head_dim) cannot be a concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.scale = nn.Linear(8, 16), nn.Linear(8, 8), nn.Parameter(torch.randn(4))
+        self.mlp_up, self.mlp_down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        h = self.up(x)
+        heads = h.view(b, s, 4, 4) * self.scale
+        a1, a2 = h.chunk(2, dim=-1)
+        return self.down(a1 - a2) + heads.sum(-1).sum(-1, keepdim=True) + self.mlp_down(torch.relu(self.mlp_up(x)))
+
+
+class _MaxKeepdimAndMinOther(nn.Module):
+    """GPT-OSS's eager attention (max over a dim, keepdim) and Apertus's xIELU (torch.min(x, eps))."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.eps = nn.Parameter(torch.tensor(-1e-6), requires_grad=False)
+
+    def forward(self, x):
+        h = self.up(x)
+        h = h - h.max(dim=0, keepdim=True).values  # over the batch: the channels stay prunable
+        return self.down(torch.cat([torch.min(h, self.eps)], dim=-1))
+
+
+def _members(dg) -> set:
+    return {(m.param, m.dim) for g in dg.groups for m in g.members}
+
+
+@pytest.mark.parametrize("cls, unprunable", [(_Interleaved, {("down.weight", 1), ("gate_up.weight", 0)}),
+                                             (_ChunkedProduct, {("down.weight", 1), ("up.weight", 0)})])
+def test_outputs_that_cannot_follow_a_pruned_input_are_frozen_too(cls, unprunable):
+    model = cls().eval()
+    dg = graphprune.analyze(graphprune.trace(model, example_inputs=(X,)))
+    assert not unprunable & _members(dg)  # neither side of the strided slice / the chunk is in a group
+    small = graphprune.compile(model, 0.3, example_inputs=(X,), progress=False)
+    assert graphprune.verify(small).ok and small.num_parameters() < sum(p.numel() for p in model.parameters())
+
+
+def test_a_split_along_a_dynamic_dim_keeps_the_other_dims_coupled():
+    model = _TokensSplit().eval()
+    dg = graphprune.analyze(graphprune.trace(model, example_inputs=(X,)))
+    (group,) = [g for g in dg.groups if g.kind == "channels"]
+    assert {(m.param, m.dim) for m in group.members} == {("up.weight", 0), ("up.bias", 0), ("head.weight", 1), ("rest.weight", 1)}
+    assert graphprune.verify(graphprune.compile(model, 0.3, example_inputs=(X,), progress=False)).ok
+
+
+def test_max_with_keepdim_min_with_a_tensor_and_concat_have_rules():
+    model = _MaxKeepdimAndMinOther().eval()
+    dg = graphprune.analyze(graphprune.trace(model, example_inputs=(X,)))
+    assert not dg.walk.unsupported and [(g.kind, g.size) for g in dg.groups] == [("channels", 16)]
+    assert graphprune.verify(graphprune.compile(model, 0.5, example_inputs=(X,), progress=False)).ok
+
+
+def test_compile_refuses_a_pruned_graph_that_cannot_run(monkeypatch):
+    """The last line of defence: a rule that lets an op's input be pruned when the op cannot follow
+    (here, the strided slice rule as it was) gives a clear error at compile time, not a broken model."""
+    def leaky_slice(w, node):
+        out = op_rules.slice_(w, node)
+        if op_rules.arg(node, 4, "step", 1) != 1:
+            d = op_rules.arg(node, 1, "dim", 0) % len(out)
+            out[d] = w.table.new(w.shape(node)[d], "leak")  # fresh and prunable: what the old rule returned
+        return out
+
+    monkeypatch.setitem(op_rules.RULES, "aten.slice", op_rules.OpRule(leaky_slice, op_rules.rw_slice, keeps_values=True))
+    model = _Interleaved().eval()
+    with pytest.raises(graphprune.errors.RewriteError, match=r"the pruned graph does not run \(linear.*graphprune bug"):
+        graphprune.compile(model, 0.5, example_inputs=(X,), progress=False)

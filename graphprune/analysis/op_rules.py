@@ -262,14 +262,14 @@ def slice_(w: Walk, node: fx.Node):
     if not w.is_static(src, d) or any(isinstance(v, fx.Node) for v in (start, end, step)):
         full = start in (None, 0) and (end is None or (isinstance(end, int) and end >= 2**62)) and step == 1
         if not full:
-            w.freeze([ax[d]], node, "slice with dynamic bounds")
             out[d] = w.fresh(node)[d]
+            w.freeze([ax[d], out[d]], node, "slice with dynamic bounds")
         return out
     n = sh[d]
     s, e = _norm_index(start, n) or 0, n if end is None else _norm_index(end, n)
     if step != 1:
-        w.freeze([ax[d]], node, "strided slice")
         out[d] = w.fresh(node)[d]
+        w.freeze([ax[d], out[d]], node, "strided slice")
     elif e <= s:  # empty slice: nothing flows through
         out[d] = w.fresh(node)[d]
     elif (s, e) != (0, n):
@@ -289,9 +289,12 @@ def narrow(w: Walk, node: fx.Node):
         fake = fx.Node(node.graph, node.name, "call_function", aten.slice.Tensor, (src, dim, start, start + length), {})
         fake.meta = node.meta
         return slice_(w, fake)
-    ax = list(w.of(src))
-    w.freeze([ax[dim]], node, "narrow with dynamic bounds")
-    return w.fresh(node)
+    out = list(w.of(src))
+    dim %= len(out)
+    fresh = w.fresh(node)[dim]
+    w.freeze([out[dim], fresh], node, "narrow with dynamic bounds")
+    out[dim] = fresh
+    return out
 
 
 def select(w: Walk, node: fx.Node):
@@ -336,20 +339,22 @@ def split(w: Walk, node: fx.Node):
     d = arg(node, 2, "dim", 0) % len(ax)
     pieces = [v for v in node.meta["val"]]
     outs = [w.fresh(node, v) for v in pieces]
-    if not w.is_static(src, d):
-        w.freeze([ax[d]], node, "split along a dynamic dimension")
-        return outs
-    sizes = [int(v.shape[d]) for v in pieces]
-    parts = w.table.refine(ax[d], CAT, [s for s in sizes if s > 0], str(node.target))
-    parts_iter = iter(parts or [])
-    for o, s in zip(outs, sizes):
+    for o in outs:  # every other dim passes through
         for k in range(len(ax)):
             if k != d:
                 w.union(o[k], ax[k], node)
-        if s > 0 and parts is not None:
+    if not w.is_static(src, d):
+        w.freeze([ax[d], *(o[d] for o in outs)], node, "split along a dynamic dimension")
+        return outs
+    sizes = [int(v.shape[d]) for v in pieces]
+    parts = w.table.refine(ax[d], CAT, [s for s in sizes if s > 0], str(node.target))
+    if parts is None:  # the pieces cannot be tied to the input's units: none of them can be pruned
+        w.freeze([ax[d], *(o[d] for o in outs)], node, "split incompatible with known structure")
+        return outs
+    parts_iter = iter(parts)
+    for o, s in zip(outs, sizes):
+        if s > 0:
             w.union(o[d], next(parts_iter), node)
-    if parts is None:
-        w.freeze([ax[d]], node, "split incompatible with known structure")
     return outs
 
 
@@ -410,13 +415,14 @@ def _reduce(freeze: bool):
         dims, keep = _reduced_dims(node, len(ax))
         if freeze:
             w.freeze([ax[d] for d in dims], node, "reduction that pruned zeros would change")
-        fresh = w.fresh(node) if isinstance(node.meta.get("val"), torch.Tensor) else None
-        out = [ax[d] for d in range(len(ax)) if d not in dims] if not keep else [
-            fresh[d] if d in dims else ax[d] for d in range(len(ax))
-        ]
-        if isinstance(node.meta.get("val"), (tuple, list)):  # max.dim / min.dim: (values, indices)
-            return [out, out]
-        return out
+        val = node.meta.get("val")
+        tupled = isinstance(val, (tuple, list))  # max.dim / min.dim: (values, indices)
+        if keep:  # the reduced dims stay, as size-1 axes of their own
+            fresh = w.fresh(node, val[0] if tupled else None)
+            out = [fresh[d] if d in dims else ax[d] for d in range(len(ax))]
+        else:
+            out = [ax[d] for d in range(len(ax)) if d not in dims]
+        return [out, out] if tupled else out
 
     return rule
 
@@ -513,10 +519,10 @@ def index_tensor(w: Walk, node: fx.Node):
 def index_select(w: Walk, node: fx.Node):
     ax = list(w.of(node.args[0]))
     d = node.args[1] % len(ax)
-    if not w.pick(node.args[2], ax[d], node):
-        w.freeze([ax[d]], node, "indexed by a tensor")
     out = list(ax)
     out[d] = w.fresh(node)[d]
+    if not w.pick(node.args[2], ax[d], node):
+        w.freeze([ax[d], out[d]], node, "indexed by a tensor")
     return out
 
 
@@ -624,11 +630,11 @@ def pad(w: Walk, node: fx.Node):
     ax = list(w.of(node.args[0]))
     padding = node.args[1]
     padded = [len(ax) - 1 - i // 2 for i in range(len(padding)) if padding[i] != 0]
-    w.freeze([ax[d] for d in padded], node, "padded dimension")
     out = list(ax)
     fresh = w.fresh(node)
     for d in padded:
         out[d] = fresh[d]
+    w.freeze([ax[d] for d in padded] + [fresh[d] for d in padded], node, "padded dimension")
     return out
 
 
@@ -828,14 +834,15 @@ register_op_rule("aten.numpy_T", numpy_t)
 register_op_rule("aten.slice", slice_, rw_slice, keeps_values=True)
 register_op_rule("aten.narrow", narrow, rw_narrow)
 register_op_rule("aten.select", select, keeps_values=True)
-register_op_rule("aten.cat", cat)
+register_op_rule(["aten.cat", "aten.concat", "aten.concatenate"], cat)
 register_op_rule("aten.stack", stack)
 register_op_rule(["aten.split", "aten.split_with_sizes", "aten.chunk", "aten.tensor_split"], split, rw_split)
 register_op_rule("aten.unbind", unbind)
 register_op_rule("aten.scaled_dot_product_attention", sdpa, rw_sdpa)
 register_op_rule(["aten.sum", "aten.any", "aten.nansum"], _reduce(freeze=False))
 register_op_rule("aten.mean", _reduce(freeze=False), rw_mean)
-register_op_rule(["aten.amax", "aten.amin", "aten.max.dim", "aten.min.dim", "aten.argmax", "aten.argmin",
+register_op_rule(["aten.max.other", "aten.min.other"], elementwise)  # the binary overloads: maximum/minimum
+register_op_rule(["aten.amax", "aten.amin", "aten.max.dim", "aten.min.dim", "aten.max.default", "aten.min.default", "aten.argmax", "aten.argmin",
                   "aten.var", "aten.std", "aten.var_mean", "aten.std_mean", "aten.logsumexp", "aten.all",
                   "aten.prod", "aten.linalg_vector_norm", "aten.norm"], _reduce(freeze=True))
 register_op_rule(["aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax"], routing(1))
