@@ -295,7 +295,7 @@ def check_reloads(compiled, folder: Path, name: str) -> None:
     again = load_hf(folder)
     _buffers_like_graph(again, compiled.module)
     try:
-        check_equal(again, compiled.module, compiled.example_kwargs)
+        check_equal(again, compiled.module, compiled.example_kwargs, dynamic_shapes=compiled.dynamic_shapes)
     except ModuleApplyError as exc:
         lost = _lost_tensors(again, compiled)
         where = f"; it cannot carry {', '.join(lost[:3])} (recomputed from the config when loaded)" if lost else ""
@@ -486,7 +486,7 @@ def to_hf(compiled, check: bool = True) -> torch.nn.Module:
 
             _restore_config(small, dense)
             try:
-                check_equal(small, compiled.module, compiled.example_kwargs)
+                check_equal(small, compiled.module, compiled.example_kwargs, dynamic_shapes=compiled.dynamic_shapes)
             except ModuleApplyError as exc:  # its forward reads the widths from the config at run time
                 small = apply_plan_to_module(compiled.source, compiled, check=check)
                 small._graphprune_unsaveable = (

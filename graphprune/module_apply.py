@@ -101,8 +101,9 @@ def apply_plan_to_module(
     from .rewrite import rewrite
     from .trace import hf_example_kwargs, is_hf_model, trace
 
-    pruned_graph = None
+    pruned_graph, dynamic_shapes = None, None
     if compiled is not None:
+        dynamic_shapes = compiled.dynamic_shapes
         plan = plan or compiled.plan
         dg = dg or compiled.dg
         pruned_graph, example_kwargs = compiled.module, example_kwargs or compiled.example_kwargs
@@ -134,7 +135,7 @@ def apply_plan_to_module(
         if not check:
             return small
         try:
-            check_equal(small, pruned_graph, example_kwargs, trials=trials, tolerance=tolerance)
+            check_equal(small, pruned_graph, example_kwargs, trials=trials, tolerance=tolerance, dynamic_shapes=dynamic_shapes)
             return small
         except ModuleApplyError as exc:
             errors.append(_norm_error(small, unmatched, exc) if unmatched else exc)
@@ -226,8 +227,9 @@ def _fix_unit_attributes(small: torch.nn.Module, plan, scale_maybe: bool = False
     e.g. Phi-3's ``config.num_attention_heads``) gets a :class:`LayerConfig` with its own widths,
     since layers may differ. Returns how many "maybe" attributes it found (scaled only with ``scale_maybe``)."""
     ambiguous = 0
+    matched = set()  # (module, attribute) an "equal" rule already set: a later group of that size must not set it again
     for g in plan.groups:
-        path, _, kind = g.name.rpartition(":")
+        path, kind = g.name.rpartition(":")[0], g.kind  # (a module's second group of a kind is named "...:channels#2")
         rules = SCALED_ATTRIBUTES.get(kind)
         if not rules or not path or len(g.keep) == g.size:
             continue
@@ -245,8 +247,10 @@ def _fix_unit_attributes(small: torch.nn.Module, plan, scale_maybe: bool = False
                     value = getattr(source, attr, None)
                     if not isinstance(value, int) or isinstance(value, bool):
                         continue
-                    if rule == "equal" and value != g.size or value % g.size:
+                    if rule == "equal" and (value != g.size or (id(target), attr) in matched) or value % g.size:
                         continue
+                    if rule == "equal":  # (MLA's q_lora_rank and kv_lora_rank: one group each, told apart by size)
+                        matched.add((id(target), attr))
                     ambiguous += rule == "maybe"
                     if rule != "maybe" or scale_maybe:
                         setattr(target, attr, value // g.size * len(g.keep))
@@ -480,8 +484,10 @@ def _keep_batched_experts(small: torch.nn.Module) -> None:
     config.experts_implementation = current  # serialised into config.json; from_pretrained honours it
 
 
-def check_equal(small: torch.nn.Module, graph, example_kwargs: dict, trials: int = 2, tolerance: float = 1e-4, seed: int = 0) -> float:
+def check_equal(small: torch.nn.Module, graph, example_kwargs: dict, trials: int = 2, tolerance: float = 1e-4, seed: int = 0,
+                dynamic_shapes: dict | None = None) -> float:
     """Largest relative output difference between ``small`` and the pruned graph; raises above ``tolerance``.
+    Inputs vary only in the dims the graph was traced with dynamic (``dynamic_shapes``; default: batch and sequence).
 
     With 16-bit weights the tolerance is at least two units of their rounding: a rescaled norm
     weight is rounded once more than the graph's."""
@@ -498,7 +504,7 @@ def check_equal(small: torch.nn.Module, graph, example_kwargs: dict, trials: int
     small.eval()
     try:
         for t in range(trials):
-            kwargs = random_inputs(example_kwargs, 2 + t, 5 + 3 * t, gen, vocab)
+            kwargs = random_inputs(example_kwargs, 2 + t, 5 + 3 * t, gen, vocab, dynamic_shapes)
             with torch.no_grad():
                 expected = _tensors(graph(**kwargs))
                 try:

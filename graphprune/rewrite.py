@@ -8,6 +8,7 @@ owns fresh copies of all tensors.
 from __future__ import annotations
 
 import copy
+import logging
 import operator
 from dataclasses import dataclass
 
@@ -312,6 +313,9 @@ def shape_failure(gm: fx.GraphModule, example_kwargs: dict | None) -> str | None
         return None
     run = _ShapeRun(gm)
     run.at = None
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")  # it logs a failing op's traceback before raising
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
             run.run(*flat)
@@ -319,6 +323,8 @@ def shape_failure(gm: fx.GraphModule, example_kwargs: dict | None) -> str | None
         at = run.at
         where = f"{at.name} ({at.target})" if at is not None else "the graph"
         return f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    finally:
+        quiet.setLevel(level)
     return None
 
 

@@ -195,7 +195,7 @@ def test_a_saved_folder_has_the_usual_modes(tmp_path):
 # experts are not 16-byte aligned), per-layer widths (60 % / 85 % by layer), and the hidden size
 # (PAT's kind). The default run covers the architectures that once failed and one of each family;
 # the rest are marked slow (each case costs about a second).
-DEFAULT_RUN = {"llama_gqa", "gpt2", "bloom", "gpt_bigcode", "olmo2", "phi3", "mixtral", "codegen"}
+DEFAULT_RUN = {"llama_gqa", "gpt2", "bloom", "gpt_bigcode", "olmo2", "phi3", "mixtral", "codegen", "deepseek_v2"}
 PLANS = {"uniform": (("heads", "channels", "experts"), (0.6,)), "per_layer": (("heads", "channels", "experts"), (0.6, 0.85)),
          "hidden": (("hidden",), (0.6,))}
 # Documented limits (README "Limits"): a LayerNorm over the pruned residual stream takes its mean over

@@ -170,3 +170,16 @@ def test_needs_a_plan():
     model, _, _ = analysed("llama_gqa")
     with pytest.raises(ModuleApplyError, match="needs a CompiledModel or a plan"):
         apply_plan_to_module(model)
+
+
+def test_a_module_traced_with_only_the_batch_dynamic_is_checked_on_inputs_it_accepts():
+    """An MLP over [batch, features] keeps dim 1 fixed: the check must not feed it other widths."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    small = graphprune.compile(mlp, 0.3, example_inputs=(torch.randn(2, 12),), progress=False)
+    assert list(small.dynamic_shapes["input"]) == [0]
+    copy_ = small.to_hf()  # the module-level copy (a plain nn.Module here), checked against the graph
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(x), small(x))
+    assert copy_[0].out_features == small.module.get_parameter("0.weight").shape[0] < 32

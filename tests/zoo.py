@@ -186,6 +186,24 @@ _SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
              first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
              v_head_dim=16, experts_implementation="batched_mm", tie_word_embeddings=False),
     ),
+    # DeepSeek-V2: multi-head latent attention with both low ranks (q_lora_rank and kv_lora_rank: two
+    # channel groups of one module, told apart by size), rotary in complex numbers (view_as_complex).
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(_MHA, head_dim=8, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+             n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+             qk_nope_head_dim=8, v_head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+             tie_word_embeddings=False),
+    ),
+    # GPT-OSS: gate and up interleaved in one expert projection (read by strided slices), attention
+    # sinks, a max with keepdim in its eager attention, alternating sliding/full layers.
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(_LLAMA_LIKE, intermediate_size=32, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+             sliding_window=8, layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False),
+    ),
     # Encoder: absolute + token-type embeddings, post-LN, tied MLM decoder with a bias.
     "bert": (
         "BertConfig",

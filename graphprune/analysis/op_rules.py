@@ -638,6 +638,16 @@ def pad(w: Walk, node: fx.Node):
     return out
 
 
+def complex_view(w: Walk, node: fx.Node):
+    """view_as_complex / view_as_real (rotary embeddings in complex numbers): no channel rule yet, so
+    every axis in and out is frozen, as for an op without a rule, with the reason named."""
+    for a in w.of(node.args[0]):
+        w.freeze([a], node, "complex view (rotary embedding in complex numbers)")
+    out = w.fresh(node)
+    w.freeze(out, node, "complex view (rotary embedding in complex numbers)")
+    return out
+
+
 # =============================================================== rewrite rules
 def rw_size_list(index: int, name: str = "size"):
     """Size constants (view/reshape/expand/full/new_zeros): each static size follows its axis."""
@@ -766,6 +776,16 @@ def rw_select_after(ctx, node: fx.Node):
             ctx.select_output(node, d, ctx.mask(a))
 
 
+def rw_contiguous_input(ctx, node: fx.Node):
+    """Pruning a neighbour can leave a frozen slice with an odd stride (DeepSeek-V2: the rotary part of a
+    projection whose other part lost channels), which view_as_complex refuses: copy it contiguous first."""
+    x = node.args[0]
+    with ctx.gm.graph.inserting_before(node):
+        dense = ctx.gm.graph.call_function(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
+    dense.meta = dict(x.meta)
+    node.replace_input_with(x, dense)
+
+
 def rw_repeat(ctx, node: fx.Node):
     ax = ctx.axes(node)
     src_ax = ctx.axes(node.args[0])
@@ -838,6 +858,7 @@ register_op_rule(["aten.cat", "aten.concat", "aten.concatenate"], cat)
 register_op_rule("aten.stack", stack)
 register_op_rule(["aten.split", "aten.split_with_sizes", "aten.chunk", "aten.tensor_split"], split, rw_split)
 register_op_rule("aten.unbind", unbind)
+register_op_rule(["aten.view_as_complex", "aten.view_as_real"], complex_view, rw_contiguous_input)
 register_op_rule("aten.scaled_dot_product_attention", sdpa, rw_sdpa)
 register_op_rule(["aten.sum", "aten.any", "aten.nansum"], _reduce(freeze=False))
 register_op_rule("aten.mean", _reduce(freeze=False), rw_mean)
