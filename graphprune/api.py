@@ -242,6 +242,7 @@ class CompiledModel:
         manifest["sha256"] = io.file_digests(tmp)  # sizes miss a same-size corruption
         manifest["dynamic_dims"] = {name: sorted(dims) for name, dims in (self.dynamic_shapes or {}).items()
                                     if isinstance(dims, dict)}  # which dims may vary (a plain module may fix dim 1)
+        manifest["sequence_below_limit"] = io.sequence_below_limit(self.dynamic_shapes, self.config)
         atomic_write_text(tmp / io.MANIFEST, json.dumps(manifest, indent=1, default=str))
         usual_modes(tmp)
 

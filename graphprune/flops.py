@@ -32,5 +32,7 @@ def count_flops(module: torch.nn.Module, example_kwargs: dict, tokens: int = DEF
 
 def flops_tokens(config: dict | None, tokens: int = DEFAULT_TOKENS) -> int:
     """The sequence length FLOPs are counted at: ``tokens`` or the model's position limit."""
-    limit = (config or {}).get("max_position_embeddings") or (config or {}).get("n_positions")
-    return min(tokens, limit) if isinstance(limit, int) and limit > 0 else tokens
+    from .trace import position_limit
+
+    limit = position_limit(config)
+    return min(tokens, limit) if limit else tokens

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import torch
 
 from .errors import GraphpruneError, LoadError
-from .trace import dynamic_shapes_for
+from .trace import dynamic_shapes_for, position_limit
 
 WIDTHS_KEY = "graphprune_widths"  # config.json entry holding per-layer widths
 WIDTHS_VERSION = 2  # 2: adds "attributes" (module numbers the config does not give, e.g. a rescaled norm's eps)
@@ -440,10 +440,18 @@ def check_plan(folder: Path, manifest: dict, plan) -> None:
                         "units than the ones the saved graph was pruned to (the folder was mixed up)")
 
 
+def sequence_below_limit(dynamic_shapes: dict | None, config: dict | None) -> bool:
+    """Whether the graph was traced for sequences one token short of the position limit (see graphprune.trace)."""
+    limit = position_limit(config)
+    maxima = {getattr(dims.get(1), "max", None) for dims in (dynamic_shapes or {}).values() if isinstance(dims, dict)}
+    return limit is not None and limit - 1 in maxima
+
+
 def after_load(compiled, folder: Path, manifest: dict) -> None:
     """Dynamic batch/sequence for re-export, and evaluation pointed at the folder's tokenizer."""
     if compiled.dynamic_shapes is None and compiled.example_kwargs:
-        compiled.dynamic_shapes = dynamic_shapes_for(compiled.example_kwargs, compiled.config)
+        compiled.dynamic_shapes = dynamic_shapes_for(compiled.example_kwargs, compiled.config,
+                                                     below_limit=bool(manifest.get("sequence_below_limit")))
         dims = manifest.get("dynamic_dims")  # a trace that kept only the batch dynamic (see graphprune.trace)
         if isinstance(dims, dict):
             compiled.dynamic_shapes = {name: ({d: v for d, v in shape.items() if str(d) in map(str, dims.get(name, []))}

@@ -56,10 +56,20 @@ def _dynamic_shapes(model: torch.nn.Module, kwargs: dict) -> dict:
     return dynamic_shapes_for(kwargs, model.config.to_dict() if is_hf_model(model) else None)
 
 
-def dynamic_shapes_for(example_kwargs: dict, config: dict | None) -> dict:
-    """Dims 0 (batch) and 1 (sequence, up to the model's position limit) of every tensor input are dynamic."""
-    limit = (config or {}).get("max_position_embeddings") or (config or {}).get("n_positions")
-    batch, seq = Dim("batch"), (Dim("seq", max=limit) if isinstance(limit, int) and limit > 2 else Dim("seq"))
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len")  # (MPT: max_seq_len)
+
+
+def position_limit(config: dict | None) -> int | None:
+    """The longest sequence the model's config allows, if it says."""
+    limit = next((config[k] for k in POSITION_LIMIT_KEYS if (config or {}).get(k)), None)
+    return limit if isinstance(limit, int) and limit > 2 else None
+
+
+def dynamic_shapes_for(example_kwargs: dict, config: dict | None, below_limit: bool = False) -> dict:
+    """Dims 0 (batch) and 1 (sequence, up to the model's position limit, or one less with
+    ``below_limit``) of every tensor input are dynamic."""
+    limit = position_limit(config)
+    batch, seq = Dim("batch"), (Dim("seq", max=limit - below_limit) if limit else Dim("seq"))
     shapes = {}
     for name, value in example_kwargs.items():
         if isinstance(value, torch.Tensor) and value.dim() >= 2:
@@ -75,6 +85,14 @@ def _pins_sequence(exc: Exception) -> bool:
     """torch.export's verdict that the dim we marked as the sequence cannot vary."""
     text = str(exc)  # a guard such as seq > 4 (shape-dependent control flow) is no reason to fix the length
     return "Constraints violated (seq)" in text and "specialized it to be a constant" in text
+
+
+def _bounded_at_limit(exc: Exception, model) -> bool:
+    """torch.export's verdict that the sequence range we declared (up to the position limit) is one too long."""
+    limit = position_limit(model.config.to_dict())
+    text = str(exc)
+    guards = (f"!= {limit}", f"<= {limit - 1}", f"< {limit}")  # the guard torch.export generated, as it prints it
+    return limit is not None and "Constraints violated (seq)" in text and any(g in text for g in guards)
 
 
 def batch_only(shapes: dict) -> dict:
@@ -160,14 +178,23 @@ def trace(
             except Exception as exc:
                 # dim 1 of a module we know nothing about may be features, not a sequence (an MLP over
                 # [batch, features]): torch.export then finds it fixed, and only the batch can vary
-                if (dynamic_shapes is not None or is_hf_model(model) or shapes == batch_only(shapes)
+                if dynamic_shapes is None and is_hf_model(model) and _bounded_at_limit(exc, model):
+                    # code that slices a position-sized buffer (GPT-Neo's causal mask) makes torch.export
+                    # guard seq != limit: one token less is what such a model can be traced for
+                    shapes = dynamic_shapes_for(kwargs, model.config.to_dict(), below_limit=True)
+                    program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+                    warnings.warn(f"graphprune: {type(model).__name__} traces only below its position limit: the "
+                                  f"graph takes sequences of up to {position_limit(model.config.to_dict()) - 1} tokens",
+                                  stacklevel=2)
+                elif (dynamic_shapes is not None or is_hf_model(model) or shapes == batch_only(shapes)
                         or not _pins_sequence(exc)):
                     raise
-                shapes = batch_only(shapes)
-                program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
-                fixed = {n: tuple(v.shape[1:]) for n, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() >= 2}
-                warnings.warn(f"graphprune: {type(model).__name__} fixes dim 1 of its inputs ({fixed}): traced with "
-                              "only the batch dynamic, so other lengths there will not run", stacklevel=2)
+                else:
+                    shapes = batch_only(shapes)
+                    program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+                    fixed = {n: tuple(v.shape[1:]) for n, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() >= 2}
+                    warnings.warn(f"graphprune: {type(model).__name__} fixes dim 1 of its inputs ({fixed}): traced with "
+                                  "only the batch dynamic, so other lengths there will not run", stacklevel=2)
     except Exception as exc:  # torch.export raises many types; all mean "not traceable"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(

@@ -173,3 +173,22 @@ def test_meta_weights_cannot_be_scored_but_a_plan_prunes_them():
         graphprune.compile(meta, ratio=0.5, progress=False)
     small = graphprune.compile(meta, plan=plan, progress=False)
     assert small.num_parameters() == plan.params_after
+
+
+def test_a_model_that_cannot_trace_at_its_position_limit_is_traced_one_token_below(tmp_path):
+    """OpenAI-GPT slices its 128-row causal-mask buffer by the sequence length: torch.export then
+    guards seq != 128, which the range up to the limit violates. The graph takes up to 127 tokens,
+    says so, and keeps that bound through save/load."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.OpenAIGPTLMHeadModel(
+        transformers.OpenAIGPTConfig(vocab_size=128, n_positions=128, n_embd=64, n_layer=2, n_head=4)).eval()
+    with pytest.warns(UserWarning, match="traces only below its position limit: the graph takes sequences of up to 127"):
+        small = graphprune.compile(model, 0.3, progress=False)
+    assert graphprune.verify(small).ok
+    again = graphprune.load(small.save(tmp_path / "gpt", hf=False, plot=False))
+    assert again.dynamic_shapes["input_ids"][1].max == 127
+    ids = torch.randint(0, 128, (2, 127))
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, small(input_ids=ids).logits)
