@@ -236,3 +236,16 @@ def test_compile_refuses_a_pruned_graph_that_cannot_run(monkeypatch):
     model = _Interleaved().eval()
     with pytest.raises(graphprune.errors.RewriteError, match=r"the pruned graph does not run \(linear.*graphprune bug"):
         graphprune.compile(model, 0.5, example_inputs=(X,), progress=False)
+
+
+def test_complex_rotary_is_frozen_and_fed_a_contiguous_copy():
+    """DeepSeek-V2 takes its rotary key as a slice of a projection whose other part loses channels: at an
+    odd kept width that slice's stride is odd, which view_as_complex refuses, so its input is copied first."""
+    import zoo
+
+    model = zoo.ZOO["deepseek_v2"]()
+    small = graphprune.compile(model, 0.5, progress=False)
+    assert graphprune.verify(small).ok
+    views = [n for n in small.module.graph.nodes if n.target == torch.ops.aten.view_as_complex.default]
+    assert views and all(n.args[0].target == torch.ops.aten.clone.default for n in views)
+    assert any("complex view" in str(f) for f in small.report.frozen)
