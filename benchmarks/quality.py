@@ -366,7 +366,7 @@ def run_case(case: str, model_path: str, caps: Caps, extra: dict) -> dict:
         info = tuned.finetune_info
         row = {"recovery": "lora", "finetune_seconds": time.perf_counter() - t0, "finetune_backend": info.backend,
                "finetune_first_loss": info.losses[0], "finetune_last_loss": info.losses[-1],
-               "finetune_loss_by_tenth": info.to_dict()["loss_by_tenth"]}
+               "finetune_loss_by_tenth": info.loss_by_tenth}
         out["rows"].append({**row, **evaluate_row(tuned, tok, caps, long_len)})
     out["peak_rss_gib"] = peak_rss_gib()
     return out
@@ -611,16 +611,17 @@ def training_curves(results: list[dict]) -> list[str]:
     """How training moved the cross entropy on the recovery data, per tenth of the steps: the dense model's LoRA
     recovery and each pass that trains on that data with it (PAT; a case of several seeds: its first seed's).
     The pruned models' recoveries are left out: their loss is the KL to the dense model, another quantity."""
-    curves = []
+    dense, passes = [], []
     for r in results:
         for row in r.get("rows", ()):
             if r.get("method") == "dense" and row.get("recovery") != "none" and row.get("finetune_loss_by_tenth"):
-                curves.append(("dense + LoRA recovery", row["finetune_loss_by_tenth"]))
+                dense.append(("dense + LoRA recovery", row["finetune_loss_by_tenth"]))
         for name, info in (r.get("scoring") or {}).items():
             if isinstance(info, dict) and info.get("task_loss_by_tenth") and not info.get("distill"):
-                curves.append((f"{r['method']} {r['ratio']:.0%}: its {name} pass", info["task_loss_by_tenth"]))
-    if not any(label.endswith("pass") for label, _ in curves):
+                passes.append((f"{r['method']} {r['ratio']:.0%}: its {name} pass", info["task_loss_by_tenth"]))
+    if not passes:  # the dense curve alone compares with nothing
         return []
+    curves = dense + passes
     parts = max(len(c) for _, c in curves)
     lines = ["**Training curves**: mean cross entropy per tenth of the steps on the recovery data, for the dense "
              "model's LoRA recovery (on its examples' responses, as `graphprune.finetune` trains on instruction data) and "

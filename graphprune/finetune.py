@@ -161,9 +161,14 @@ class FinetuneInfo:
     trainable_params: int
     config: dict
 
+    @property
+    def loss_by_tenth(self) -> list[float]:
+        """The mean loss of each tenth of the steps: how the training moved."""
+        return segment_means(self.losses)
+
     def to_dict(self) -> dict:
         return {"backend": self.backend, "reason": self.reason, "steps": self.steps, "first_loss": self.losses[0] if self.losses else None,
-                "last_loss": self.losses[-1] if self.losses else None, "loss_by_tenth": segment_means(self.losses),
+                "last_loss": self.losses[-1] if self.losses else None, "loss_by_tenth": self.loss_by_tenth,
                 "seconds": self.seconds,
                 "trainable_params": self.trainable_params, "config": self.config}
 

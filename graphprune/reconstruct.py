@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.fx._pytree as fx_pytree
 from tqdm.auto import tqdm
 
 from .analysis import DependencyGraph
@@ -44,7 +43,7 @@ from .data import Calibration, as_tokenizer, check_fits, check_size, check_text_
 from .data import calibration as as_calibration
 from .errors import GraphpruneError
 from .masking import insert_masks
-from .rewrite import AxisMasks, rewrite
+from .rewrite import AxisMasks, graph_inputs, rewrite
 from .scoring import WeightUpdates, example_kwargs_of
 
 aten = torch.ops.aten
@@ -178,26 +177,11 @@ class _Capture(fx.Interpreter):
         return super().run_node(n)
 
 
-def _flat_inputs(model: fx.GraphModule, kwargs: dict) -> list:
-    """The graph's placeholders' values for keyword inputs (nested ones flattened as torch.export did)."""
-    spec = getattr(model, "_in_spec", None)
-    if spec is not None:
-        try:
-            return fx_pytree.tree_flatten_spec(((), kwargs), spec)
-        except Exception as exc:
-            raise GraphpruneError(f"reconstruct: calibration batches do not fit the graph's inputs ({exc})") from exc
-    names = [n.target for n in model.graph.nodes if n.op == "placeholder"]
-    missing = [n for n in names if n not in kwargs]
-    if missing:
-        raise GraphpruneError(f"reconstruct: the graph takes inputs {missing} that calibration batches do not give")
-    return [kwargs[n] for n in names]
-
-
 def _captured(model: fx.GraphModule, layers: list[Layer], kwargs: dict, inputs_of: dict[str, int]) -> dict[str, torch.Tensor]:
     capture = _Capture(model, inputs_of, layers[-1].node)
     try:
         with torch.no_grad():
-            capture.run(*_flat_inputs(model, kwargs))
+            capture.run(*graph_inputs(model, kwargs, "calibration batches", "reconstruct"))
     except _Stop:
         pass
     return capture.seen

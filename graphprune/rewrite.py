@@ -20,7 +20,7 @@ import torch.fx._pytree as fx_pytree
 from .analysis import DependencyGraph
 from .analysis.op_rules import rule_for
 from .analysis.walk import fetch_attr
-from .errors import RewriteError
+from .errors import GraphpruneError, RewriteError
 
 aten = torch.ops.aten
 
@@ -291,8 +291,26 @@ def rewrite(dg: DependencyGraph, leaf_keep: dict[int, torch.Tensor], weights: di
     return gm
 
 
+def graph_inputs(gm: fx.GraphModule, kwargs: dict, given: str = "the inputs", context: str = "graphprune") -> list:
+    """The graph's placeholders' values for keyword inputs (nested ones flattened as torch.export did);
+    a ``GraphpruneError`` saying what does not fit (``given``: what the inputs are, for the message)."""
+    spec = getattr(gm, "_in_spec", None)
+    if spec is not None:
+        try:
+            return fx_pytree.tree_flatten_spec(((), kwargs), spec)
+        except Exception as exc:
+            raise GraphpruneError(f"{context}: {given} do not fit the graph's inputs ({exc})") from exc
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    missing = [n for n in names if n not in kwargs]
+    if missing:
+        raise GraphpruneError(f"{context}: the graph takes inputs {missing} that {given} do not give")
+    return [kwargs[n] for n in names]
+
+
 class _ShapeRun(fx.Interpreter):
     """Runs a graph on fake tensors, remembering the node it is at (for the error message)."""
+
+    at: fx.Node | None = None
 
     def run_node(self, n):
         self.at = n
@@ -304,15 +322,11 @@ def shape_failure(gm: fx.GraphModule, example_kwargs: dict | None) -> str | None
     as ``"node (op): error"``; None when it runs, or when the inputs cannot be fed to it here."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    spec = getattr(gm, "_in_spec", None)
     try:
-        flat = fx_pytree.tree_flatten_spec(((), dict(example_kwargs or {})), spec) if spec is not None else None
-    except Exception:
-        return None
-    if flat is None:
+        flat = graph_inputs(gm, dict(example_kwargs or {}))
+    except GraphpruneError:
         return None
     run = _ShapeRun(gm)
-    run.at = None
     quiet = logging.getLogger("torch._subclasses.fake_tensor")  # it logs a failing op's traceback before raising
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)

@@ -87,12 +87,13 @@ def _pins_sequence(exc: Exception) -> bool:
     return "Constraints violated (seq)" in text and "specialized it to be a constant" in text
 
 
-def _bounded_at_limit(exc: Exception, model) -> bool:
+def _bounded_at_limit(exc: Exception, limit: int | None) -> bool:
     """torch.export's verdict that the sequence range we declared (up to the position limit) is one too long."""
-    limit = position_limit(model.config.to_dict())
+    if limit is None:
+        return False
     text = str(exc)
     guards = (f"!= {limit}", f"<= {limit - 1}", f"< {limit}")  # the guard torch.export generated, as it prints it
-    return limit is not None and "Constraints violated (seq)" in text and any(g in text for g in guards)
+    return "Constraints violated (seq)" in text and any(g in text for g in guards)
 
 
 def batch_only(shapes: dict) -> dict:
@@ -178,14 +179,14 @@ def trace(
             except Exception as exc:
                 # dim 1 of a module we know nothing about may be features, not a sequence (an MLP over
                 # [batch, features]): torch.export then finds it fixed, and only the batch can vary
-                if dynamic_shapes is None and is_hf_model(model) and _bounded_at_limit(exc, model):
+                config = model.config.to_dict() if is_hf_model(model) else None
+                if dynamic_shapes is None and config is not None and _bounded_at_limit(exc, position_limit(config)):
                     # code that slices a position-sized buffer (GPT-Neo's causal mask) makes torch.export
                     # guard seq != limit: one token less is what such a model can be traced for
-                    shapes = dynamic_shapes_for(kwargs, model.config.to_dict(), below_limit=True)
+                    shapes = dynamic_shapes_for(kwargs, config, below_limit=True)
                     program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
                     warnings.warn(f"graphprune: {type(model).__name__} traces only below its position limit: the "
-                                  f"graph takes sequences of up to {position_limit(model.config.to_dict()) - 1} tokens",
-                                  stacklevel=2)
+                                  f"graph takes sequences of up to {position_limit(config) - 1} tokens", stacklevel=2)
                 elif (dynamic_shapes is not None or is_hf_model(model) or shapes == batch_only(shapes)
                         or not _pins_sequence(exc)):
                     raise

@@ -192,3 +192,11 @@ def test_a_model_that_cannot_trace_at_its_position_limit_is_traced_one_token_bel
     ids = torch.randint(0, 128, (2, 127))
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, small(input_ids=ids).logits)
+
+
+def test_a_trace_failure_of_a_model_without_a_position_limit_is_not_read_as_one():
+    from graphprune.trace import _bounded_at_limit
+
+    exc = RuntimeError("Constraints violated (seq)! ... generated guard L['input_ids'].size()[1] != 128.")
+    assert _bounded_at_limit(exc, 128) and not _bounded_at_limit(exc, 64)
+    assert not _bounded_at_limit(exc, None)  # no limit: the original error stands (no TypeError in its place)

@@ -641,10 +641,8 @@ def pad(w: Walk, node: fx.Node):
 def complex_view(w: Walk, node: fx.Node):
     """view_as_complex / view_as_real (rotary embeddings in complex numbers): no channel rule yet, so
     every axis in and out is frozen, as for an op without a rule, with the reason named."""
-    for a in w.of(node.args[0]):
-        w.freeze([a], node, "complex view (rotary embedding in complex numbers)")
     out = w.fresh(node)
-    w.freeze(out, node, "complex view (rotary embedding in complex numbers)")
+    w.freeze([*w.of(node.args[0]), *out], node, "complex view (rotary embedding in complex numbers)")
     return out
 
 
