@@ -31,8 +31,10 @@ import torch
 import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
+from .complex_ops import is_complex, lower_complex
 from .evaluate.runner import onnx_metadata
 from .errors import ExportError
+from .trace import dynamic_shapes_for
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,21 @@ def to_program(model, example_kwargs: dict | None = None, dynamic_shapes=None) -
     except Exception as exc:
         raise ExportError(f"torch.export could not trace {type(model).__name__} for ONNX: {_first_line(exc)}") from exc
     return program, kwargs, shapes
+
+
+def real_program(program: torch.export.ExportedProgram, kwargs: dict, shapes) -> torch.export.ExportedProgram:
+    """``program`` with its complex arithmetic done on real pairs (:mod:`graphprune.complex_ops`),
+    re-exported; the same program when it has none."""
+    if not any(is_complex(n) for n in program.graph.nodes):
+        return program
+    lowered = lower_complex(program.module())
+    if shapes is None:
+        shapes = dynamic_shapes_for(kwargs, None)
+    try:
+        with torch.no_grad():
+            return torch.export.export(lowered, (), kwargs, dynamic_shapes=shapes, strict=False)
+    except Exception as exc:
+        raise ExportError(f"could not re-export the graph with its complex values as real pairs: {_first_line(exc)}") from exc
 
 
 def output_names(program: torch.export.ExportedProgram) -> list[str]:
@@ -135,6 +152,7 @@ def export_onnx(
     bar = tqdm(total=4, disable=not progress, leave=False, desc="onnx: torch.export")
     try:
         program, kwargs, shapes = to_program(model, example_kwargs, dynamic_shapes)
+        program = real_program(program, kwargs, shapes)
         bar.update(1)
         bar.set_description("onnx: convert")
         names = output_names if output_names is not None else _default_output_names(program)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,10 +66,11 @@ def position_limit(config: dict | None) -> int | None:
     return limit if isinstance(limit, int) and limit > 2 else None
 
 
-def dynamic_shapes_for(example_kwargs: dict, config: dict | None, below_limit: bool = False) -> dict:
-    """Dims 0 (batch) and 1 (sequence, up to the model's position limit, or one less with
-    ``below_limit``) of every tensor input are dynamic."""
-    limit = position_limit(config)
+def dynamic_shapes_for(example_kwargs: dict, config: dict | None, below_limit: bool = False,
+                       limit: int | None = None) -> dict:
+    """Dims 0 (batch) and 1 (sequence, up to ``limit`` or else the model's position limit, or one less
+    with ``below_limit``) of every tensor input are dynamic."""
+    limit = limit or position_limit(config)
     batch, seq = Dim("batch"), (Dim("seq", max=limit - below_limit) if limit else Dim("seq"))
     shapes = {}
     for name, value in example_kwargs.items():
@@ -94,6 +96,14 @@ def _bounded_at_limit(exc: Exception, limit: int | None) -> bool:
     text = str(exc)
     guards = (f"!= {limit}", f"<= {limit - 1}", f"< {limit}")  # the guard torch.export generated, as it prints it
     return "Constraints violated (seq)" in text and any(g in text for g in guards)
+
+
+def _sequence_bound(exc: Exception) -> int | None:
+    """The longest sequence torch.export found the code can take, from its suggested fix
+    (``seq = Dim('seq', max=64)``: code that slices a buffer of 64 positions)."""
+    text = str(exc)
+    found = re.search(r"seq = Dim\('seq'(?:, min=\d+)?, max=(\d+)\)", text)
+    return int(found.group(1)) if "Constraints violated (seq)" in text and found else None
 
 
 def batch_only(shapes: dict) -> dict:
@@ -187,6 +197,13 @@ def trace(
                     program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
                     warnings.warn(f"graphprune: {type(model).__name__} traces only below its position limit: the "
                                   f"graph takes sequences of up to {position_limit(config) - 1} tokens", stacklevel=2)
+                elif dynamic_shapes is None and config is None and (bound := _sequence_bound(exc)):
+                    # a module without a config whose code has a position limit of its own (a buffer of
+                    # precomputed rotary angles or positions): traced up to that limit
+                    shapes = dynamic_shapes_for(kwargs, None, limit=bound)
+                    program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+                    warnings.warn(f"graphprune: {type(model).__name__} takes sequences of up to {bound} tokens (a limit "
+                                  "torch.export found in its code): the graph is traced for those", stacklevel=2)
                 elif (dynamic_shapes is not None or is_hf_model(model) or shapes == batch_only(shapes)
                         or not _pins_sequence(exc)):
                     raise

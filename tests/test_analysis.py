@@ -238,14 +238,26 @@ def test_compile_refuses_a_pruned_graph_that_cannot_run(monkeypatch):
         graphprune.compile(model, 0.5, example_inputs=(X,), progress=False)
 
 
-def test_complex_rotary_is_frozen_and_fed_a_contiguous_copy():
-    """DeepSeek-V2 takes its rotary key as a slice of a projection whose other part loses channels: at an
-    odd kept width that slice's stride is odd, which view_as_complex refuses, so its input is copied first."""
+def test_complex_rotary_keeps_heads_prunable_and_feeds_a_contiguous_copy():
+    """DeepSeek-V2 rotates q and k in complex numbers (view_as_complex, a complex product, view_as_real):
+    the heads pass through, and so do the rotary pairs, one group with the rotary embedding's
+    frequencies. Only the (real, imaginary) axis stays whole. Its rotary key is a slice of a projection
+    whose other part loses channels: at an odd kept width that slice's stride is odd, which
+    view_as_complex refuses, so its input is copied first."""
     import zoo
 
     model = zoo.ZOO["deepseek_v2"]()
-    small = graphprune.compile(model, 0.5, progress=False)
-    assert graphprune.verify(small).ok
+    dg = graphprune.analyze(graphprune.trace(model, example_kwargs=zoo.example_inputs("deepseek_v2")))
+    assert not dg.walk.unsupported  # polar has a rule
+    heads = [g for g in dg.groups if g.kind == "heads"]
+    assert [g.size for g in heads] == [4, 4]
+    (pairs,) = [g for g in dg.groups if g.kind == "head_dim" and ("model.rotary_emb.inv_freq", 0) in {(m.param, m.dim) for m in g.members}]
+    assert pairs.size == 4  # qk_rope_head_dim 8 = 4 complex pairs, shared by every layer
+    assert all("real and imaginary" in why for _, why in dg.frozen_report() if "complex" in why)
+    for seed in range(3):
+        plan = graphprune.random_plan(dg, kinds=("heads", "head_dim", "channels"), keep_prob=0.5, seed=seed)
+        small = graphprune.compile(model, plan=plan, progress=False)
+        assert graphprune.verify(small).ok
+        assert small.num_parameters() < sum(p.numel() for p in model.parameters())
     views = [n for n in small.module.graph.nodes if n.target == torch.ops.aten.view_as_complex.default]
     assert views and all(n.args[0].target == torch.ops.aten.clone.default for n in views)
-    assert any("complex view" in str(f) for f in small.report.frozen)

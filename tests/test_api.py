@@ -194,6 +194,19 @@ def test_a_model_that_cannot_trace_at_its_position_limit_is_traced_one_token_bel
         torch.testing.assert_close(again(input_ids=ids).logits, small(input_ids=ids).logits)
 
 
+def test_a_module_with_a_position_buffer_is_traced_up_to_its_length():
+    """Meta's Llama code slices a precomputed buffer of rotary angles (64 positions here) by the
+    sequence length: torch.export bounds the sequence by it, and the trace takes that bound."""
+    import zoo
+
+    model = zoo.ALL["complex_rope"]()
+    with pytest.warns(UserWarning, match="ComplexRopeLM takes sequences of up to 64 tokens"):
+        small = graphprune.compile(model, 0.3, example_kwargs=zoo.example_inputs("complex_rope"), progress=False)
+    assert small.dynamic_shapes["input_ids"][1].max == 64 and graphprune.verify(small).ok
+    ids = torch.randint(0, 64, (2, 64))
+    assert small(input_ids=ids).shape == (2, 64, 64)
+
+
 def test_a_trace_failure_of_a_model_without_a_position_limit_is_not_read_as_one():
     from graphprune.trace import _bounded_at_limit
 

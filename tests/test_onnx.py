@@ -260,6 +260,65 @@ def test_unexportable_op_raises_export_error_naming_it_and_leaves_no_file(tmp_pa
     assert target.read_bytes() == b"an earlier export" and list(tmp_path.iterdir()) == [target]
 
 
+# ================================================================ complex values
+class _ComplexOps(nn.Module):
+    """Each complex op the export rewrites as real pairs, with negative dims and a complex buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.register_buffer("turn", torch.polar(torch.ones(4), torch.linspace(0, 3, 4)), persistent=False)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        z = torch.view_as_complex(self.proj(x).reshape(b, s, 4, 2))  # [b, s, 4] complex
+        w = torch.polar(x[..., :4].abs() + 1, x[..., 4:]) * 0.5  # polar, times a number
+        z = (z * w + z * self.turn).unsqueeze(-2).transpose(-1, -2)  # complex x complex, a buffer, dims < 0
+        z = torch.cat([z, z.conj()], dim=-1).permute(0, 2, 1, 3).reshape(b, 4, s * 2)
+        z = (z - z / x[:, :1, :1]).to(torch.complex64)  # divided by a real tensor
+        return torch.view_as_real(z).flatten(-2) + z.real.sum(-1, keepdim=True) - z.imag.sum(-1, keepdim=True)
+
+
+def test_complex_values_export_as_real_pairs(tmp_path):
+    from graphprune.complex_ops import has_complex, lower_complex
+
+    model, x = _ComplexOps().eval(), torch.randn(2, 5, 8)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("b"), 1: torch.export.Dim("s")},))
+    lowered = lower_complex(program.module())
+    assert not has_complex(lowered) and not any(n.target == torch.ops.aten.view_as_complex.default for n in lowered.graph.nodes)
+    y = torch.randn(3, 7, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(y), model(y), rtol=1e-5, atol=1e-5)
+    path = graphprune.export_onnx(model, tmp_path / "c.onnx", example_kwargs={"x": x}, progress=False)
+    (got,) = session(str(path)).run({"x": y}).values()
+    assert np.abs(got - model(y).detach().numpy()).max() < 1e-4
+
+
+def test_complex_rotary_model_pruned_runs_in_onnx_runtime(tmp_path):
+    """Rotary embeddings in complex numbers (Meta's Llama code): pruned by heads, rotary pairs and channels, exported."""
+    model, _, _ = analysed("complex_rope")
+    small = graphprune.compile(model, 0.5, kinds=("heads", "head_dim", "channels"),
+                               example_kwargs=zoo.example_inputs("complex_rope"), progress=False)
+    assert {g.kind for g in small.plan.groups} >= {"heads", "head_dim"} and graphprune.verify(small).ok
+    sess = session(str(small.export_onnx(tmp_path / "rope.onnx", progress=False)))
+    for batch, seq in SHAPES:
+        ids = _ids("complex_rope", batch, seq)
+        got = sess.run({"input_ids": ids})[sess.output_names[0]]
+        assert np.abs(got - _logits(small.module, ids)).max() <= TOL
+
+
+class _ComplexMatmul(nn.Module):
+    def forward(self, x):
+        z = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(z @ z.transpose(-1, -2)).flatten(-2)
+
+
+def test_a_complex_op_without_a_real_form_is_named(tmp_path):
+    with pytest.raises(graphprune.ExportError, match=r"no real-valued form of aten\.matmul\.default on complex values \(node matmul\)"):
+        graphprune.export_onnx(_ComplexMatmul(), tmp_path / "m.onnx", example_kwargs={"x": torch.randn(2, 3, 4)}, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(graphprune.ExportError, match="example_kwargs"):
         graphprune.export_onnx(nn.Linear(3, 3), tmp_path / "x.onnx")

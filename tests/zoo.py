@@ -392,6 +392,68 @@ class _FusedQKVAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, s, d))
 
 
+class _ComplexRopeAttention(nn.Module):
+    """GQA attention with rotary embeddings in complex numbers, as Meta's reference Llama code writes
+    them: a precomputed complex buffer ``freqs_cis``, ``view_as_complex``, a complex product and
+    ``view_as_real`` (what DeepSeek-V2 and Llama 4 do in transformers, there with ``polar`` in forward)."""
+
+    def __init__(self, d: int, n_heads: int, n_kv_heads: int, max_seq: int = 64) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d // n_heads
+        self.wq = nn.Linear(d, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(d, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(d, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, d, bias=False)
+        inv_freq = 1.0 / 10000.0 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
+        angles = torch.outer(torch.arange(max_seq).float(), inv_freq)
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles), persistent=False)
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        freqs = self.freqs_cis[: x.shape[1]].view(1, x.shape[1], 1, -1)
+        return torch.view_as_real(pairs * freqs).flatten(3).type_as(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self._rotate(self.wq(x).view(b, s, self.n_heads, self.head_dim))
+        k = self._rotate(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim))
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
+        rep = self.n_heads // self.n_kv_heads
+        k, v = (t.repeat_interleave(rep, dim=2) for t in (k, v))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class _ComplexRopeBlock(nn.Module):
+    def __init__(self, d: int, n_heads: int, n_kv_heads: int, hidden: int) -> None:
+        super().__init__()
+        self.attention_norm, self.ffn_norm = _RMSNorm(d), _RMSNorm(d)
+        self.attention = _ComplexRopeAttention(d, n_heads, n_kv_heads)
+        self.feed_forward = _SwiGLU(d, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x))
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class ComplexRopeLM(nn.Module):
+    """Embedding -> 2 blocks of complex-rotary GQA attention (4 heads, 2 KV heads) and SwiGLU -> LM head."""
+
+    def __init__(self, vocab: int = _HW_VOCAB, d: int = _HW_DIM, hidden: int = 64, n_layers: int = 2) -> None:
+        super().__init__()
+        self.vocab_size = vocab
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(_ComplexRopeBlock(d, 4, 2, hidden) for _ in range(n_layers))
+        self.norm = _RMSNorm(d)
+        self.output = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.output(self.norm(x))
+
+
 class _SwiGLU(nn.Module):
     """SwiGLU MLP with separate gate / up / down projections."""
 
@@ -457,6 +519,7 @@ def _handwritten_factory(cls: type[nn.Module]) -> Callable[[], nn.Module]:
 HANDWRITTEN: dict[str, Callable[[], nn.Module]] = {
     "tiny_mlp_lm": _handwritten_factory(TinyMLPLM),
     "fused_qkv_attn": _handwritten_factory(FusedQKVLM),
+    "complex_rope": _handwritten_factory(ComplexRopeLM),
 }
 
 ALL: dict[str, Callable[[], nn.Module]] = {**ZOO, **HANDWRITTEN}

@@ -638,12 +638,19 @@ def pad(w: Walk, node: fx.Node):
     return out
 
 
-def complex_view(w: Walk, node: fx.Node):
-    """view_as_complex / view_as_real (rotary embeddings in complex numbers): no channel rule yet, so
-    every axis in and out is frozen, as for an op without a rule, with the reason named."""
-    out = w.fresh(node)
-    w.freeze([*w.of(node.args[0]), *out], node, "complex view (rotary embedding in complex numbers)")
-    return out
+def view_as_complex(w: Walk, node: fx.Node):
+    """[..., n, 2] real -> [..., n] complex (rotary embeddings in complex numbers: DeepSeek-V2, Llama 4):
+    every dim but the last is the same; the last (real, imaginary) is consumed and cannot lose an index."""
+    ax = list(w.of(node.args[0]))
+    w.freeze([ax[-1]], node, "real and imaginary parts of a complex view")
+    return ax[:-1]
+
+
+def view_as_real(w: Walk, node: fx.Node):
+    """[..., n] complex -> [..., n, 2] real: the inverse of :func:`view_as_complex`."""
+    pair = w.fresh(node)[-1]
+    w.freeze([pair], node, "real and imaginary parts of a complex view")
+    return [*w.of(node.args[0]), pair]
 
 
 # =============================================================== rewrite rules
@@ -811,7 +818,7 @@ log2 sqrt rsqrt sin cos tan tanh sinh cosh asin acos atan atan2 sigmoid silu gel
 celu mish softplus hardtanh hardswish hardsigmoid logit erf erfc erfinv sign sgn clamp clamp_min clamp_max clip
 minimum maximum fmin fmax where masked_fill lerp addcmul addcdiv reciprocal square floor ceil round trunc frac
 eq ne lt le gt ge logical_and logical_or logical_not logical_xor bitwise_and bitwise_or bitwise_not bitwise_xor
-__and__ __or__ __xor__ __invert__ isnan isinf isfinite nan_to_num copysign hypot heaviside threshold
+__and__ __or__ __xor__ __invert__ isnan isinf isfinite nan_to_num copysign hypot heaviside threshold polar complex
 gelu_ glu_like""".split()
 
 _MOVING = """clone contiguous detach alias to _to_copy lift_fresh_copy _assert_tensor_metadata_passthrough""".split()
@@ -856,7 +863,8 @@ register_op_rule(["aten.cat", "aten.concat", "aten.concatenate"], cat)
 register_op_rule("aten.stack", stack)
 register_op_rule(["aten.split", "aten.split_with_sizes", "aten.chunk", "aten.tensor_split"], split, rw_split)
 register_op_rule("aten.unbind", unbind)
-register_op_rule(["aten.view_as_complex", "aten.view_as_real"], complex_view, rw_contiguous_input)
+register_op_rule("aten.view_as_complex", view_as_complex, rw_contiguous_input, keeps_values=True)
+register_op_rule("aten.view_as_real", view_as_real, keeps_values=True)
 register_op_rule("aten.scaled_dot_product_attention", sdpa, rw_sdpa)
 register_op_rule(["aten.sum", "aten.any", "aten.nansum"], _reduce(freeze=False))
 register_op_rule("aten.mean", _reduce(freeze=False), rw_mean)
