@@ -230,6 +230,9 @@ def _fix_unit_attributes(small: torch.nn.Module, plan, scale_maybe: bool = False
     matched = set()  # (module, attribute) an "equal" rule already set: a later group of that size must not set it again
     for g in plan.groups:
         path, kind = g.name.rpartition(":")[0], g.kind  # (a module's second group of a kind is named "...:channels#2")
+        if kind == "hidden" and len(g.keep) != g.size:
+            ambiguous += _fix_residual_widths(small, dense or small, g, scale_maybe)
+            continue
         rules = SCALED_ATTRIBUTES.get(kind)
         if not rules or not path or len(g.keep) == g.size:
             continue
@@ -260,6 +263,32 @@ def _fix_unit_attributes(small: torch.nn.Module, plan, scale_maybe: bool = False
                 config = module.config = LayerConfig(config)
             config.scale(kind, len(g.keep), g.size)
     return ambiguous
+
+
+# Module attributes that may hold the residual stream's width (an MoE block's ``hidden_dim`` it
+# reshapes the tokens by, Llama 4): "maybe", since some attention modules keep heads x head_dim
+# under the same name, which hidden pruning leaves whole; the check against the graph decides.
+_RESIDUAL_WIDTHS = ("hidden_size", "hidden_dim", "n_embd", "d_model")
+
+
+def _fix_residual_widths(small: torch.nn.Module, dense: torch.nn.Module, group, scale_maybe: bool) -> int:
+    """Set every module's residual-width attribute equal to the dense hidden size to the kept size
+    (with ``scale_maybe``); returns how many it found."""
+    found = 0
+    for name, module in small.named_modules():
+        if type(module).__module__.startswith("torch."):
+            continue
+        try:
+            source = dense.get_submodule(name)
+        except AttributeError:
+            continue
+        for attr in _RESIDUAL_WIDTHS:
+            value = vars(source).get(attr)
+            if type(value) is int and value == group.size:
+                found += 1
+                if scale_maybe:
+                    setattr(module, attr, len(group.keep))
+    return found
 
 
 class LayerConfig:
@@ -484,6 +513,13 @@ def _keep_batched_experts(small: torch.nn.Module) -> None:
     config.experts_implementation = current  # serialised into config.json; from_pretrained honours it
 
 
+def _why_not_run(exc: Exception) -> str:
+    if "stride divisible by 2" in str(exc):  # view_as_complex on a slice of a projection (DeepSeek-V2's rotary key)
+        return ("its code views a slice of a pruned projection as complex numbers, which needs the projection's "
+                "kept width to be even (the graph copies the slice first): compile with round_to=2 for a module-level copy.")
+    return "its code takes a size from somewhere other than its weights (an attribute or the config)."
+
+
 def check_equal(small: torch.nn.Module, graph, example_kwargs: dict, trials: int = 2, tolerance: float = 1e-4, seed: int = 0,
                 dynamic_shapes: dict | None = None) -> float:
     """Largest relative output difference between ``small`` and the pruned graph; raises above ``tolerance``.
@@ -512,8 +548,7 @@ def check_equal(small: torch.nn.Module, graph, example_kwargs: dict, trials: int
                 except Exception as exc:
                     raise ModuleApplyError(
                         f"the pruned {type(small).__name__} cannot run at module level ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:300]}): its code takes a size from somewhere other than "
-                        "its weights (an attribute or the config). Fine-tune the pruned graph instead."
+                        f"{str(exc).splitlines()[0][:300]}): {_why_not_run(exc)} Fine-tune the pruned graph instead."
                     ) from exc
             for a, b in zip(got, expected):
                 if a.shape != b.shape:

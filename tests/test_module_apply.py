@@ -99,6 +99,19 @@ def test_refuses_clearly_where_code_does_not_follow_weights(arch, kinds, why):
     assert isinstance(info.value, graphprune.GraphpruneError)
 
 
+def test_an_odd_width_under_a_complex_view_is_refused_with_the_fix_named():
+    """DeepSeek-V2 views its rotary key, a slice of a projection, as complex numbers: with an odd kept
+    latent width that slice's stride is odd and its code cannot run (the graph copies the slice)."""
+    model = analysed("deepseek_v2")[0]
+    small = graphprune.compile(model, 0.3, progress=False)
+    assert any(len(g.keep) % 2 for g in small.plan.groups if g.name.endswith("self_attn:channels#2"))
+    with pytest.raises(ModuleApplyError, match="complex numbers.*round_to=2"):
+        apply_plan_to_module(model, small)
+    even = graphprune.compile(model, 0.3, round_to=2, progress=False)
+    assert graphprune.verify(even).ok
+    apply_plan_to_module(model, even)  # checked equal to the graph
+
+
 @pytest.mark.parametrize("arch, kinds", [
     ("llama_gqa", ("hidden",)),  # RMSNorms over the pruned residual stream
     ("gemma", ("hidden",)),  # (1 + w) RMSNorms

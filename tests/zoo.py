@@ -204,6 +204,16 @@ _SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
         dict(_LLAMA_LIKE, intermediate_size=32, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
              sliding_window=8, layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False),
     ),
+    # Llama 4 text: rotary in complex numbers (polar, view_as_complex), a layer without rotary
+    # (no_rope_layers), chunked attention, MoE with one shared expert whose routed experts see the tokens
+    # repeated once per expert (the experts axis folded into the tokens: frozen).
+    "llama4": (
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        dict(_LLAMA_LIKE, intermediate_size=32, intermediate_size_mlp=96, head_dim=16, num_local_experts=4,
+             num_experts_per_tok=1, interleave_moe_layer_step=1, no_rope_layers=[1, 0], attention_chunk_size=8,
+             tie_word_embeddings=False),
+    ),
     # Encoder: absolute + token-type embeddings, post-LN, tied MLM decoder with a bias.
     "bert": (
         "BertConfig",
