@@ -32,6 +32,7 @@ from .analysis.groups import find_groups
 from .analysis.walk import Walk, fetch_attr
 from .errors import ExportError
 from .rewrite import AxisMasks, rewrite
+from .inline_blocks import inline_grad_blocks
 from .trace import is_hf_model, traceable_experts
 
 # Example sizes of the cached trace: all different, so torch.export relates none of them.
@@ -173,7 +174,7 @@ def trace_with_cache(model: torch.nn.Module) -> tuple[fx.GraphModule, CacheLayou
         raise ExportError(f"torch.export could not trace {type(model).__name__} with a KV cache: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}") from exc
     finally:
         model.train(was_training)
-    return program.module(), layout, kwargs, shapes
+    return inline_grad_blocks(program.module()), layout, kwargs, shapes
 
 
 def analyze_with_cache(gm: fx.GraphModule) -> DependencyGraph:

@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch.export import Dim, ExportedProgram
 
 from .errors import TraceError
+from .inline_blocks import inline_grad_blocks
 
 
 @dataclass
@@ -224,7 +225,7 @@ def trace(
         model.train(was_training)
     config = model.config.to_dict() if is_hf_model(model) else None
     return Traced(
-        module=program.module(),
+        module=inline_grad_blocks(program.module()),
         program=program,
         example_kwargs=kwargs,
         dynamic_shapes=shapes,

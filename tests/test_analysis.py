@@ -261,3 +261,30 @@ def test_complex_rotary_keeps_heads_prunable_and_feeds_a_contiguous_copy():
         assert small.num_parameters() < sum(p.numel() for p in model.parameters())
     views = [n for n in small.module.graph.nodes if n.target == torch.ops.aten.view_as_complex.default]
     assert views and all(n.args[0].target == torch.ops.aten.clone.default for n in views)
+
+
+class _NoGradGate(nn.Module):
+    """A gate computed under torch.no_grad() in forward (PhiMoE's router does so): torch.export makes the
+    block one higher-order op with a graph of its own, which the trace inlines."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.gate, self.down = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        with torch.no_grad():
+            mask = torch.sigmoid(self.gate(x))
+        return self.down(torch.relu(self.up(x)) * mask)
+
+
+def test_grad_mode_blocks_in_forward_are_inlined_and_still_cut_the_gradient():
+    model = _NoGradGate().eval()
+    traced = graphprune.trace(model, example_inputs=(X,))
+    assert not any("wrap_with_set_grad_enabled" in str(n.target) for n in traced.module.graph.nodes)
+    dg = graphprune.analyze(traced)
+    assert not dg.walk.unsupported
+    (group,) = [g for g in dg.groups if g.kind == "channels"]
+    assert ("gate.weight", 0) in {(m.param, m.dim) for m in group.members}  # the gate's channels are the MLP's
+    traced.module(x=X).sum().backward()
+    assert traced.module.gate.weight.grad is None and traced.module.up.weight.grad is not None  # as in eager
+    assert graphprune.verify(graphprune.compile(model, 0.5, example_inputs=(X,), progress=False)).ok

@@ -101,7 +101,8 @@ def _cached_logits(sess: graphprune.OnnxSession, ids: torch.Tensor, prompt: int)
 def check_parity(name: str, pruned: bool, exports) -> None:
     if pruned:
         module = compiled(name).module
-        assert compiled(name).report.achieved_ratio > 0.3
+        # (GPT-OSS: heads only by default, its expert channels are frozen: gate and up interleaved)
+        assert compiled(name).report.achieved_ratio > (0.1 if name == "gpt_oss" else 0.3)
     else:
         module = analysed(name)[1].module
     sess = session(str(exports(name, "pruned" if pruned else "dense")))
