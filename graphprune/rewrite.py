@@ -171,6 +171,7 @@ def block_removal(dg: DependencyGraph, removed: frozenset[int]) -> BlockRemoval:
 
     nodes = list(dg.gm.graph.nodes)
     dead = {n.name for n in nodes if n.op in ("call_function", "get_attr") and empty(by_name.get(n.name))}
+    empties = frozenset(dead)
     exits: dict[str, int | None] = {}
     for n in nodes:
         if n.name in dead or n.op != "call_function" or not any(a.name in dead for a in n.all_input_nodes):
@@ -192,6 +193,7 @@ def block_removal(dg: DependencyGraph, removed: frozenset[int]) -> BlockRemoval:
         users = [u for u in n.users if not _is_assert(u)]
         if users and all(u.name in dead or (u.name in exits and bias_of(u) is not n) for u in users):
             dead.add(n.name)
+    dead -= _size_sources(nodes, exits, dead, empties)
     dead |= {n.name for n in nodes if _is_assert(n) and any(a.name in dead for a in n.all_input_nodes)}
     used = {dg.walk.aliases.get(n.target, n.target) for n in nodes if n.op == "get_attr" and n.name not in dead}
     dropped = {name for name in dg.params if name not in used}
@@ -199,8 +201,34 @@ def block_removal(dg: DependencyGraph, removed: frozenset[int]) -> BlockRemoval:
     return result
 
 
-def _sym_size(graph: fx.Graph, size, symbols: dict) -> object:
-    """An int, or a node computing a symbolic size from the inputs' sizes."""
+def _size_sources(nodes: list[fx.Node], exits: dict, dead: set[str], empties: frozenset[str]) -> set[str]:
+    """Removed nodes to keep after all: those computing a data-dependent size of an exit's zeros (the tokens
+    routed to one expert, ``u4``: JetMoE's MLP experts), which no input's size can give."""
+    from_inputs = {str(s.node.expr) for n in nodes if n.op == "placeholder" and isinstance(v := n.meta.get("val"), torch.Tensor)
+                   for s in v.shape if isinstance(s, torch.SymInt)}
+    by_name = {n.name: n for n in nodes}
+    keep: set[str] = set()
+    for name in exits:
+        for size in by_name[name].meta["val"].shape:
+            for sym in (size.node.expr.free_symbols if isinstance(size, torch.SymInt) else ()):
+                if str(sym) in from_inputs:
+                    continue
+                source = next((n for n in nodes if isinstance(v := n.meta.get("val"), torch.Tensor)
+                               and any(isinstance(d, torch.SymInt) and d.node.expr == sym for d in v.shape)), None)
+                stack = [source] if source is not None else []
+                while stack:
+                    n = stack.pop()
+                    if n.name in keep or n.name not in dead:
+                        continue
+                    if n.name in empties:
+                        raise RewriteError(f"cannot remove a whole block: the size {sym} of {name} is computed from the removed values")
+                    keep.add(n.name)
+                    stack.extend(n.all_input_nodes)
+    return keep
+
+
+def _sym_size(graph: fx.Graph, size, symbol) -> object:
+    """An int, or a node computing a symbolic size; ``symbol(name)`` gives a node holding that symbol."""
     if isinstance(size, int):
         return size
     expr = size.node.expr if isinstance(size, torch.SymInt) else size
@@ -209,9 +237,10 @@ def _sym_size(graph: fx.Graph, size, symbols: dict) -> object:
         if e.is_Integer:
             return int(e)
         if e.is_Symbol:
-            if str(e) not in symbols:
+            found = symbol(str(e))
+            if found is None:
                 raise RewriteError(f"cannot express size {expr} from the model inputs")
-            return symbols[str(e)]
+            return found
         op = {sympy.Mul: operator.mul, sympy.Add: operator.add}.get(type(e))
         if op is None:
             raise RewriteError(f"cannot express size {expr} from the model inputs")
@@ -222,6 +251,29 @@ def _sym_size(graph: fx.Graph, size, symbols: dict) -> object:
         return out
 
     return build(expr)
+
+
+def _size_source(graph: fx.Graph, before: fx.Node, dead: set[str]):
+    """``symbol(name)`` for :func:`_sym_size`: the size of an input, or else of a value computed before
+    ``before`` that stays (a data-dependent size, such as the tokens routed to one expert: ``u4``)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    made: dict[str, fx.Node] = {}
+
+    def symbol(name: str):
+        if name not in made:
+            for n in graph.nodes:
+                if order[n] >= order[before]:
+                    break
+                val = n.meta.get("val")
+                if n.name in dead or not isinstance(val, torch.Tensor):
+                    continue
+                d = next((d for d, s in enumerate(val.shape) if isinstance(s, torch.SymInt) and str(s.node.expr) == name), None)
+                if d is not None:
+                    made[name] = graph.call_function(aten.sym_size.int, (n, d))
+                    break
+        return made.get(name)
+
+    return symbol
 
 
 def remove_blocks(ctx: "RewriteContext", removal: BlockRemoval) -> None:
@@ -235,12 +287,7 @@ def remove_blocks(ctx: "RewriteContext", removal: BlockRemoval) -> None:
         if removal.exits[name] is not None and len(node.args) > removal.exits[name]:
             bias = node.args[removal.exits[name]]
         with graph.inserting_before(node):
-            symbols = {}
-            for ph in inputs:
-                for d, s in enumerate(ph.meta["val"].shape):
-                    if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol and str(s.node.expr) not in symbols:
-                        symbols[str(s.node.expr)] = graph.call_function(aten.sym_size.int, (ph, d))
-            size = [_sym_size(graph, s, symbols) for s in val.shape]
+            size = [_sym_size(graph, s, _size_source(graph, node, removal.dead)) for s in val.shape]
             ref = bias if isinstance(bias, fx.Node) else inputs[0]
             new = graph.call_function(aten.new_zeros.default, (ref, size), {"dtype": val.dtype})
             ctx.by_name[new.name] = ctx.by_name[name]  # its size constants follow other pruned axes
@@ -286,9 +333,43 @@ def rewrite(dg: DependencyGraph, leaf_keep: dict[int, torch.Tensor], weights: di
                 rule.rewrite(ctx, node)
             except Exception as exc:
                 raise RewriteError(f"could not rewrite node {node.name} ({node.target}): {exc}") from exc
+    views_as_reshapes(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+_ALIASING = {"view", "_unsafe_view", "reshape", "slice", "select", "narrow", "transpose", "t", "permute", "unsqueeze",
+             "squeeze", "expand", "alias", "as_strided", "unflatten", "flatten", "split", "chunk", "unbind", "view_as_real",
+             "view_as_complex", "diagonal", "unfold", "movedim", "swapaxes", "getitem"}
+
+
+def _mutated_through(node: fx.Node) -> bool:
+    """Whether an in-place op writes to ``node``'s value, directly or through a view of it."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user in seen or user.op != "call_function":
+                continue
+            seen.add(user)
+            schema = getattr(user.target, "_schema", None)
+            if schema is not None and schema.is_mutable:
+                return True
+            name = getattr(user.target, "__name__", str(user.target)).split(".")[0]
+            if name in _ALIASING:
+                stack.append(user)
+    return False
+
+
+def views_as_reshapes(gm: fx.GraphModule) -> None:
+    """``view`` → ``reshape`` where nothing writes through the view. Pruning can change the memory
+    layout an op returns: JetMoE views attention's transposed output, contiguous when the SDPA kernel
+    writes [batch, seq, heads, dim], which it no longer does once values and queries differ in head
+    size. ``reshape`` is that view wherever the strides allow, and a copy elsewhere."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.view.default and not _mutated_through(node):
+            node.target = torch.ops.aten.reshape.default
 
 
 def graph_inputs(gm: fx.GraphModule, kwargs: dict, given: str = "the inputs", context: str = "graphprune") -> list:

@@ -214,6 +214,16 @@ _SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
              num_experts_per_tok=1, interleave_moe_layer_step=1, no_rope_layers=[1, 0], attention_chunk_size=8,
              tie_word_embeddings=False),
     ),
+    # JetMoE: mixture of attention heads (each token's queries come from its top-k query experts, the
+    # keys and values are shared) and of MLP experts, routed by loops over sorted tokens; attention's
+    # output is viewed straight after a transpose (a layout pruning can change: rewritten as reshape).
+    "jetmoe": (
+        "JetMoeConfig",
+        "JetMoeForCausalLM",
+        dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
+             intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+             tie_word_embeddings=False),
+    ),
     # Encoder: absolute + token-type embeddings, post-LN, tied MLM decoder with a bias.
     "bert": (
         "BertConfig",
