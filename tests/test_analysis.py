@@ -288,3 +288,33 @@ def test_grad_mode_blocks_in_forward_are_inlined_and_still_cut_the_gradient():
     traced.module(x=X).sum().backward()
     assert traced.module.gate.weight.grad is None and traced.module.up.weight.grad is not None  # as in eager
     assert graphprune.verify(graphprune.compile(model, 0.5, example_inputs=(X,), progress=False)).ok
+
+
+def test_views_become_reshapes_unless_something_writes_through_them():
+    """After pruning an op may return another memory layout (JetMoE: SDPA's output once queries and values
+    differ in head size), where a view fails: the rewrite uses reshape, except where a view must alias."""
+    from graphprune.rewrite import views_as_reshapes
+
+    aten = torch.ops.aten
+
+    def f(x):
+        read = aten.view.default(x, [4, -1])  # only read: may become a copy
+        flat = aten.view.default(x, [-1])  # written through below: must stay a view of x
+        aten.add_.Tensor(aten.slice.Tensor(flat, 0, 0, 2), 1.0)
+        return read, flat
+
+    gm = torch.fx.symbolic_trace(f)
+    views_as_reshapes(gm)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets[:2] == [aten.reshape.default, aten.view.default]
+    gm.recompile()
+    x = torch.zeros(2, 4)
+    gm(x)
+    assert x.flatten()[:2].tolist() == [1.0, 1.0]  # the write still reaches x
+    y = torch.zeros(4, 2).t()  # [2, 4], not contiguous: a view to [4, 2] fails, the reshape copies
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        f(y)
+    read_only = torch.fx.symbolic_trace(lambda x: aten.view.default(x, [4, -1]))
+    views_as_reshapes(read_only)
+    read_only.recompile()
+    assert torch.equal(read_only(y), y.reshape(4, 2))
