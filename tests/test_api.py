@@ -33,6 +33,16 @@ def test_verify_catches_a_wrong_rewrite():
     assert not graphprune.verify(small).ok
 
 
+def test_verify_fails_on_a_nan_even_after_a_larger_difference():
+    """Python's max() skips a NaN that comes second: a NaN in a later output must still fail."""
+    model, _, _ = analysed("llama_gqa")
+    small = graphprune.compile(model, ratio=0.5, progress=False)
+    with torch.no_grad():
+        next(p for n, p in small.module.named_parameters() if n.endswith("layers.1.mlp.down_proj.weight"))[0, 0] = float("nan")
+    check = graphprune.verify(small)
+    assert not check.ok and check.max_abs == float("inf")
+
+
 class DataDependent(nn.Module):
     def __init__(self):
         super().__init__()

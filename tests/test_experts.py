@@ -35,7 +35,7 @@ def test_experts_are_one_group_per_layer_with_router_and_expert_weights(name):
         assert g.min_units == model.config.num_experts_per_tok  # top-k needs k experts to choose from
 
 
-@pytest.mark.parametrize("name", [*MOE, "glm4_moe", "deepseek_v3"])  # + sigmoid/gather and group-limited routing
+@pytest.mark.parametrize("name", [*MOE, "glm4_moe", "deepseek_v3", "phimoe"])  # + sigmoid/gather, group-limited, top-2 by two max
 @pytest.mark.parametrize("seed", range(3))
 def test_removing_experts_equals_masking_their_router_scores(name, seed):
     _, traced, dg = analysed(name)
@@ -51,6 +51,16 @@ def test_removing_experts_equals_masking_their_router_scores(name, seed):
         for a, b in zip(outputs(pruned(**kwargs)), outputs(masked(**kwargs))):
             assert (a - b).abs().max() <= 1e-5 * b.abs().max()
     assert sum(p.numel() for p in pruned.parameters()) == plan.params_after < plan.params_before
+
+
+def test_top_2_chosen_by_two_max_ops_is_a_router_that_needs_two_experts():
+    """PhiMoE's sparse mixer: a max over the experts, then another over the scores with the first choice
+    at -inf, the two choices concatenated; inside torch.no_grad() (inlined by the trace)."""
+    model, _, dg = analysed("phimoe")
+    experts = [g for g in dg.groups if g.kind == "experts"]
+    assert len(experts) == model.config.num_hidden_layers and not dg.walk.unsupported
+    assert all(g.min_units == 2 for g in experts)  # two successive choices need two experts to choose from
+    assert {m.param.rsplit(".", 2)[-2] for m in experts[0].members} == {"router", "experts"}
 
 
 def test_pruned_mixtral_equals_a_smaller_mixtral_built_by_hand():

@@ -202,7 +202,7 @@ PLANS = {"uniform": (("heads", "channels", "experts"), (0.6,)), "per_layer": (("
 # the kept channels at module level, the graph over all of them; transformers' LayerNorm cannot say
 # that. Olmo's LayerNorm has no weight (its width comes from the config): it cannot even run.
 LAYERNORM_RESIDUAL = {"bert", "bloom", "codegen", "cohere", "falcon", "gpt2", "gpt_bigcode", "gpt_neox", "gptj",
-                      "nemotron", "opt", "phi", "stablelm", "starcoder2"}
+                      "nemotron", "opt", "phi", "phimoe", "stablelm", "starcoder2"}
 EXPECTED_ERRORS = {**{(arch, "hidden"): "its norms .* normalise over pruned channels" for arch in LAYERNORM_RESIDUAL},
                    ("olmo", "hidden"): "OlmoForCausalLM cannot run at module level"}
 

@@ -224,6 +224,14 @@ _SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
              intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
              tie_word_embeddings=False),
     ),
+    # PhiMoE: the router's sparse mixer picks its top-2 by two max ops (the second over the scores with the
+    # first choice set to -inf) inside a torch.no_grad() block (a higher-order op in the trace, inlined);
+    # LayerNorms with bias.
+    "phimoe": (
+        "PhimoeConfig",
+        "PhimoeForCausalLM",
+        dict(_LLAMA_LIKE, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
+    ),
     # Encoder: absolute + token-type embeddings, post-LN, tied MLM decoder with a bias.
     "bert": (
         "BertConfig",

@@ -36,15 +36,16 @@ class OpRule:
     rewrite: Callable[[object, fx.Node], None] | None = None
     keeps_values: bool = False  # index values in its first input come out unchanged (only moved)
     reads_values: bool = False  # its propagate handles index values itself (Walk.pick)
+    joins_values: bool = False  # index values of one axis in all its inputs come out together (cat)
 
 
 RULES: dict[str, OpRule] = {}
 
 
 def register_op_rule(names: str | list[str], propagate, rewrite=None, *, keeps_values: bool = False,
-                     reads_values: bool = False) -> OpRule:
+                     reads_values: bool = False, joins_values: bool = False) -> OpRule:
     """Register a rule for ops named like ``"aten.add"`` (every overload) or ``"aten.add.Tensor"``."""
-    rule = OpRule(propagate, rewrite, keeps_values, reads_values)
+    rule = OpRule(propagate, rewrite, keeps_values, reads_values, joins_values)
     for name in [names] if isinstance(names, str) else names:
         RULES[name] = rule
     return rule
@@ -460,18 +461,40 @@ def routing(dim_index: int):
         d = arg(node, dim_index, "dim", -1) % len(ax)
         if not w.is_static(src, d) or arg(node, 3, "largest", True) is False:  # (a smallest-k would pick -inf)
             return frozen(w, node)
-        w.route(node, d, ax[d])
         val = node.meta.get("val")
         if not isinstance(val, (tuple, list)):
+            w.route(node, d, ax[d])
             return ax
         k = int(val[0].shape[d])
-        w.table.require(ax[d], k)
+        w.route(node, d, ax[d], picks=k)
         values, indices = list(ax), list(ax)
         values[d] = indices[d] = w.fresh(node, val[0])[d]
         w.values[node] = [None, ax[d]]
         return [values, indices]
 
     return rule
+
+
+def routing_max(w: Walk, node: fx.Node):
+    """max.dim / argmax over a static axis: a top-1 choice (PhiMoE's sparse mixer, switch routers). As
+    for :func:`routing`, the axis stays prunable only if the index picks weights (a removed expert's
+    -inf never wins a max); otherwise it is a reduction that pruned zeros would change, and frozen."""
+    src = node.args[0]
+    ax = list(w.of(src))
+    dim = arg(node, 1, "dim")
+    if dim is None or not w.is_static(src, dim % len(ax)):
+        return _reduce(freeze=True)(w, node)
+    d, keep = dim % len(ax), arg(node, 2, "keepdim", False)
+    w.route(node, d, ax[d], picks=1, top1=True)
+    val = node.meta.get("val")
+    tupled = isinstance(val, (tuple, list))
+    out = list(ax)
+    if keep:
+        out[d] = w.fresh(node, val[0] if tupled else val)[d]
+    else:
+        del out[d]
+    w.values[node] = [None, ax[d]] if tupled else ax[d]
+    return [out, list(out)] if tupled else out
 
 
 def norm(n_weight_args: int):
@@ -859,8 +882,8 @@ register_op_rule("aten.numpy_T", numpy_t)
 register_op_rule("aten.slice", slice_, rw_slice, keeps_values=True)
 register_op_rule("aten.narrow", narrow, rw_narrow)
 register_op_rule("aten.select", select, keeps_values=True)
-register_op_rule(["aten.cat", "aten.concat", "aten.concatenate"], cat)
-register_op_rule("aten.stack", stack)
+register_op_rule(["aten.cat", "aten.concat", "aten.concatenate"], cat, joins_values=True)
+register_op_rule("aten.stack", stack, joins_values=True)
 register_op_rule(["aten.split", "aten.split_with_sizes", "aten.chunk", "aten.tensor_split"], split, rw_split)
 register_op_rule("aten.unbind", unbind)
 register_op_rule("aten.view_as_complex", view_as_complex, rw_contiguous_input, keeps_values=True)
@@ -869,7 +892,8 @@ register_op_rule("aten.scaled_dot_product_attention", sdpa, rw_sdpa)
 register_op_rule(["aten.sum", "aten.any", "aten.nansum"], _reduce(freeze=False))
 register_op_rule("aten.mean", _reduce(freeze=False), rw_mean)
 register_op_rule(["aten.max.other", "aten.min.other"], elementwise)  # the binary overloads: maximum/minimum
-register_op_rule(["aten.amax", "aten.amin", "aten.max.dim", "aten.min.dim", "aten.max.default", "aten.min.default", "aten.argmax", "aten.argmin",
+register_op_rule(["aten.max.dim", "aten.argmax"], routing_max)
+register_op_rule(["aten.amax", "aten.amin", "aten.min.dim", "aten.max.default", "aten.min.default", "aten.argmin",
                   "aten.var", "aten.std", "aten.var_mean", "aten.std_mean", "aten.logsumexp", "aten.all",
                   "aten.prod", "aten.linalg_vector_norm", "aten.norm"], _reduce(freeze=True))
 register_op_rule(["aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax"], routing(1))

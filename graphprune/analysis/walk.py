@@ -57,6 +57,8 @@ class RoutePoint:
     dim: int
     axis: int
     gate: bool  # the first routing op on its path: the masked model applies the mask here
+    picks: int = 0  # how many indices it chooses (top-k: k, a max: 1, a softmax: none)
+    top1: bool = False  # a max: successive ones on one axis choose distinct indices (PhiMoE's sparse mixer)
 
 
 @dataclass
@@ -130,12 +132,12 @@ class Walk:
             self.table.freeze(a, f"{node.target} ({node.name}): {reason}")
 
     # ------------------------------------------------------------ routing
-    def route(self, node: fx.Node, dim: int, axis: int) -> None:
-        """``node`` mixes values along ``axis`` as routing does. The axis stays prunable only if
-        the routing's choices pick weights along it (:meth:`pick`); otherwise it is frozen when
-        the walk ends."""
+    def route(self, node: fx.Node, dim: int, axis: int, picks: int = 0, top1: bool = False) -> None:
+        """``node`` mixes values along ``axis`` as routing does, choosing ``picks`` indices. The axis
+        stays prunable only if the routing's choices pick weights along it (:meth:`pick`); otherwise
+        it is frozen when the walk ends."""
         source = node.args[0]
-        self.routes.append(RoutePoint(node.name, dim, axis, gate=source not in self._gated))
+        self.routes.append(RoutePoint(node.name, dim, axis, gate=source not in self._gated, picks=picks, top1=top1))
         self._gated.add(node)
 
     def pick(self, index: fx.Node, axis: int, node: fx.Node) -> bool:
@@ -152,9 +154,18 @@ class Walk:
     def _settle_routes(self) -> None:
         """Routing axes whose choices never picked a weight are ordinary mixed axes: frozen."""
         nodes = {n.name: n for n in self.gm.graph.nodes} if self.routes else {}
+        top_k: dict[int, int] = {}  # the largest k of a top-k over the axis
+        top_1: dict[int, int] = {}  # how many max ops choose from it, one after another
         for r in self.routes:
             if "experts" not in self.table.tags_of(r.axis):
                 self.freeze([r.axis], nodes[r.node], "mixes values along this dimension")
+            root = self.table.find(r.axis)
+            if r.top1:
+                top_1[root] = top_1.get(root, 0) + 1
+            else:
+                top_k[root] = max(top_k.get(root, 0), r.picks)
+        for root in top_k.keys() | top_1.keys():  # each choice needs an expert to choose
+            self.table.require(root, max(top_k.get(root, 0), top_1.get(root, 0)))
 
     def _track_values(self, node: fx.Node, rule) -> None:
         """After ``node``'s rule ran: index values pass through ops that only move them (and through
@@ -166,6 +177,10 @@ class Walk:
                 and isinstance(node.meta.get("val"), torch.Tensor):
             self.values[node] = carried[0][1]
             carried = carried[1:]
+        elif rule is not None and rule.joins_values and carried and len(carried) == len(_tensor_inputs(node)) \
+                and len({c for _, c in carried}) == 1 and isinstance(carried[0][1], int):
+            self.values[node] = carried[0][1]  # choices of the same experts, side by side (PhiMoE's top-2)
+            carried = []
         if rule is not None and rule.keeps_values and node.args and node.args[0] in self._gated:
             self._gated.add(node)
         for _, chosen in carried:
