@@ -32,7 +32,7 @@ from .rewrite import check_runs, rewrite
 from .data import as_tokenizer, load_tokenizer
 from .registry import check_options, get_pass
 from .scoring import score
-from .trace import Traced, trace
+from .trace import Traced, export_graph, trace
 
 if TYPE_CHECKING:  # finetune imports this module
     from .finetune import FinetuneInfo
@@ -160,7 +160,7 @@ class CompiledModel:
     def export_program(self) -> torch.export.ExportedProgram:
         """Re-trace the pruned graph with ``torch.export`` (dynamic batch and sequence)."""
         try:
-            return torch.export.export(self.module, (), self.example_kwargs, dynamic_shapes=self.dynamic_shapes, strict=False)
+            return export_graph(self.module, self.example_kwargs, self.dynamic_shapes)
         except Exception as exc:
             raise ExportError(f"could not export the pruned graph: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
 

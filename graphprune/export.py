@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .complex_ops import is_complex, lower_complex
 from .evaluate.runner import onnx_metadata
 from .errors import ExportError
-from .trace import dynamic_shapes_for
+from .trace import dynamic_shapes_for, export_graph
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def real_program(program: torch.export.ExportedProgram, kwargs: dict, shapes) ->
         shapes = dynamic_shapes_for(kwargs, None)
     try:
         with torch.no_grad():
-            return torch.export.export(lowered, (), kwargs, dynamic_shapes=shapes, strict=False)
+            return export_graph(lowered, kwargs, shapes)
     except Exception as exc:
         raise ExportError(f"could not re-export the graph with its complex values as real pairs: {_first_line(exc)}") from exc
 

@@ -33,7 +33,7 @@ from .analysis.walk import Walk, fetch_attr
 from .errors import ExportError
 from .rewrite import AxisMasks, rewrite
 from .inline_blocks import inline_grad_blocks
-from .trace import is_hf_model, traceable_experts
+from .trace import _unproven_guard, export_graph, is_hf_model, traceable_experts
 
 # Example sizes of the cached trace: all different, so torch.export relates none of them.
 _BATCH, _SEQ, _PAST = 2, 3, 5
@@ -85,7 +85,7 @@ class CachedGraph:
     def export_program(self) -> torch.export.ExportedProgram:
         try:
             with torch.no_grad():
-                return torch.export.export(self.module, (), self.example_kwargs, dynamic_shapes=self.dynamic_shapes, strict=False)
+                return export_graph(self.module, self.example_kwargs, self.dynamic_shapes)
         except Exception as exc:
             raise ExportError(f"could not re-export the pruned KV-cache graph: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
 
@@ -169,7 +169,12 @@ def trace_with_cache(model: torch.nn.Module) -> tuple[fx.GraphModule, CacheLayou
     model.eval()
     try:
         with torch.no_grad(), traceable_experts(model):  # the kernel the plain trace used (its groups)
-            program = torch.export.export(_cache_view(model), (), kwargs, dynamic_shapes=shapes, strict=False)
+            try:
+                program = torch.export.export(_cache_view(model), (), kwargs, dynamic_shapes=shapes, strict=False)
+            except Exception as exc:  # a guard it cannot prove (see graphprune.trace): checked at run time
+                if not _unproven_guard(exc):
+                    raise
+                program = export_graph(_cache_view(model), kwargs, shapes)
     except Exception as exc:
         raise ExportError(f"torch.export could not trace {type(model).__name__} with a KV cache: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}") from exc
     finally:

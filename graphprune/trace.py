@@ -107,6 +107,19 @@ def _sequence_bound(exc: Exception) -> int | None:
     return int(found.group(1)) if "Constraints violated (seq)" in text and found else None
 
 
+def export_graph(module: torch.nn.Module, kwargs: dict, dynamic_shapes) -> ExportedProgram:
+    """Re-export a graph graphprune traced (a pruned one, a rewritten one): a guard torch.export could not
+    prove when tracing the model became a runtime check then, so it does here too."""
+    return torch.export.export(module, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False,
+                               prefer_deferred_runtime_asserts_over_guards=True)
+
+
+def _unproven_guard(exc: Exception) -> str | None:
+    """The guard torch.export generated and could not prove over the declared range, if that is why it failed."""
+    found = re.search(r"satisfy the generated guard (.+?)\.?$", str(exc), re.MULTILINE)
+    return found.group(1).strip() if "Constraints violated" in str(exc) and found else None
+
+
 def batch_only(shapes: dict) -> dict:
     """The same dynamic shapes with every dim but the batch (dim 0) static."""
     return {name: ({0: dims[0]} if dims and 0 in dims else dims) for name, dims in shapes.items()}
@@ -205,6 +218,13 @@ def trace(
                     program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
                     warnings.warn(f"graphprune: {type(model).__name__} takes sequences of up to {bound} tokens (a limit "
                                   "torch.export found in its code): the graph is traced for those", stacklevel=2)
+                elif _unproven_guard(exc) and not _pins_sequence(exc):
+                    # a guard torch.export cannot prove for every length, though it holds (Aria's experts:
+                    # s * min(64, 64 s) == 64 s): checked when the graph runs instead
+                    program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False,
+                                                  prefer_deferred_runtime_asserts_over_guards=True)
+                    warnings.warn(f"graphprune: {type(model).__name__}: torch.export could not prove {_unproven_guard(exc)} "
+                                  "for every input size; the graph checks it when it runs", stacklevel=2)
                 elif (dynamic_shapes is not None or is_hf_model(model) or shapes == batch_only(shapes)
                         or not _pins_sequence(exc)):
                     raise

@@ -217,6 +217,21 @@ def test_a_module_with_a_position_buffer_is_traced_up_to_its_length():
     assert small(input_ids=ids).shape == (2, 64, 64)
 
 
+def test_a_guard_torch_export_cannot_prove_becomes_a_runtime_check():
+    """Aria's experts kernel makes torch.export guard s * min(64, 64 s) == 64 s: true for every length,
+    but not provable, so a dynamic sequence fails; traced with the check deferred, every length runs."""
+    import zoo
+
+    model = zoo.ALL["aria"]()
+    with pytest.warns(UserWarning, match=r"AriaTextForCausalLM: torch.export could not prove .*min\(64.* the graph checks it when it runs"):
+        small = graphprune.compile(model, 0.3, kinds=("heads", "channels", "experts"), progress=False)
+    assert graphprune.verify(small).ok and any(g.kind == "experts" for g in small.plan.groups)
+    ids = torch.randint(0, 128, (3, 50))
+    with torch.no_grad():
+        assert small(input_ids=ids, use_cache=False).logits.shape == (3, 50, 128)
+    assert small.export_program() is not None  # the pruned graph re-exports (ONNX, .pt2) with the same check
+
+
 def test_a_trace_failure_of_a_model_without_a_position_limit_is_not_read_as_one():
     from graphprune.trace import _bounded_at_limit
 

@@ -232,6 +232,15 @@ _SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "PhimoeForCausalLM",
         dict(_LLAMA_LIKE, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
     ),
+    # Aria (text): experts stored transposed ([in, out], is_transposed batched_mm), a shared expert; its
+    # experts kernel makes torch.export guard s * min(64, 64 s) == 64 s, true but unproven: the trace defers it
+    # to a runtime check.
+    "aria": (
+        "AriaTextConfig",
+        "AriaTextForCausalLM",
+        dict(_LLAMA_LIKE, intermediate_size=48, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1,
+             tie_word_embeddings=False),
+    ),
     # Encoder: absolute + token-type embeddings, post-LN, tied MLM decoder with a bias.
     "bert": (
         "BertConfig",
