@@ -193,12 +193,26 @@ class _MaxKeepdimAndMinOther(nn.Module):
         return self.down(torch.cat([torch.min(h, self.eps)], dim=-1))
 
 
+class _CatThenSplit(nn.Module):
+    """DeepSeek-V4's output path: a concatenation (12 + 4) reshaped into 2 x 8, which cuts through it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(8, 12), nn.Linear(8, 4), nn.Linear(8, 8)
+        self.mlp_up, self.mlp_down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = torch.cat([self.a(x), self.b(x)], dim=-1).reshape(*x.shape[:-1], 2, 8)
+        return self.out(h).sum(-2) + self.mlp_down(torch.relu(self.mlp_up(x)))
+
+
 def _members(dg) -> set:
     return {(m.param, m.dim) for g in dg.groups for m in g.members}
 
 
 @pytest.mark.parametrize("cls, unprunable", [(_Interleaved, {("down.weight", 1), ("gate_up.weight", 0)}),
-                                             (_ChunkedProduct, {("down.weight", 1), ("up.weight", 0)})])
+                                             (_ChunkedProduct, {("down.weight", 1), ("up.weight", 0)}),
+                                             (_CatThenSplit, {("out.weight", 1), ("a.weight", 0)})])
 def test_outputs_that_cannot_follow_a_pruned_input_are_frozen_too(cls, unprunable):
     model = cls().eval()
     dg = graphprune.analyze(graphprune.trace(model, example_inputs=(X,)))

@@ -214,6 +214,8 @@ def reshape(w: Walk, node: fx.Node):
         for k, p in zip(run_out, parts):
             out[k] = p
     fresh = w.fresh(node)
+    # an output dim left unmatched (its input run was frozen above) is carved from frozen input: frozen too
+    w.freeze([fresh[k] for k, a in enumerate(out) if a is None and osh[k] != 1], node, "reshape across a frozen structure")
     return [fresh[k] if a is None else a for k, a in enumerate(out)]
 
 
