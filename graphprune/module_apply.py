@@ -125,13 +125,20 @@ def apply_plan_to_module(
     errors = []
     for scale_maybe in (True, False):
         small = copy.deepcopy(model)
-        _copy_tensors(small, pruned_graph, dg)
-        _fix_module_sizes(small)
-        _fix_own_widths(small, model)
-        ambiguous = _fix_unit_attributes(small, plan, scale_maybe=scale_maybe, dense=model)
-        _fix_config(small, plan)
-        unmatched = _rescale_norms(small, model, kept)
-        _keep_batched_experts(small)
+        try:
+            _copy_tensors(small, pruned_graph, dg)
+            _fix_module_sizes(small)
+            _fix_own_widths(small, model)
+            ambiguous = _fix_unit_attributes(small, plan, scale_maybe=scale_maybe, dense=model)
+            _fix_config(small, plan)
+            unmatched = _rescale_norms(small, model, kept)
+            _keep_batched_experts(small)
+        except GraphpruneError:
+            raise
+        except Exception as exc:  # the model's own code or config refused a width (a per-layer config field)
+            raise ModuleApplyError(
+                f"the plan cannot be applied to {type(model).__name__}'s modules ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:300] if str(exc) else ''}). Fine-tune the pruned graph instead.") from exc
         if not check:
             return small
         try:

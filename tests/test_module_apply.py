@@ -196,3 +196,21 @@ def test_a_module_traced_with_only_the_batch_dynamic_is_checked_on_inputs_it_acc
     with torch.no_grad():
         torch.testing.assert_close(copy_(x), small(x))
     assert copy_[0].out_features == small.module.get_parameter("0.weight").shape[0] < 32
+
+
+def test_a_config_that_refuses_a_width_gives_a_module_apply_error(monkeypatch):
+    """Gemma 4's per-layer config raises its own error when asked for one global head_dim: whatever the
+    model's code or config raises while the copy is built comes out as a ModuleApplyError naming it."""
+    import graphprune.module_apply as module_apply
+
+    class PerLayerOnly(Exception):
+        pass
+
+    def refuse(small, plan):
+        raise PerLayerOnly("'head_dim' is a per-layer attribute")
+
+    monkeypatch.setattr(module_apply, "_fix_config", refuse)
+    model, traced, dg = analysed("llama_gqa")
+    plan = random_plan(dg, ("heads",), seed=0)
+    with pytest.raises(ModuleApplyError, match=r"LlamaForCausalLM's modules \(PerLayerOnly: 'head_dim' is a per-layer"):
+        apply_plan_to_module(model, plan=plan, dg=dg, example_kwargs=traced.example_kwargs)
