@@ -22,6 +22,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from .analysis.walk import fetch_attr
 from .errors import ExportError
 
 aten = torch.ops.aten
@@ -83,17 +84,10 @@ def lower_complex(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _get_attr(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """A complex buffer or constant: stored again as its real view."""
-    value = _fetch(gm, node.target)
+    value = fetch_attr(gm, node.target)
     name = f"{node.target.replace('.', '_')}_as_real"
     gm.register_buffer(name, torch.view_as_real(value.detach()).clone(), persistent=False)
     return gm.graph.get_attr(name)
-
-
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _lower(graph: fx.Graph, node: fx.Node, pairs: dict) -> fx.Node | None:
